@@ -1,0 +1,58 @@
+//! A configured cluster opened for one command: its config, its repository, and (on demand)
+//! its keys.
+
+use std::sync::Arc;
+
+use crate::config::{ClusterConfig, Config};
+use crate::error::Error;
+use crate::pipeline::{EncodeOptions, Keyring, MasterKey};
+use crate::repo::{ClusterInfo, Repository};
+use crate::store;
+
+pub struct ClusterHandle {
+    pub name: String,
+    pub config: ClusterConfig,
+    pub repo: Repository,
+    pub encode: EncodeOptions,
+}
+
+impl ClusterHandle {
+    /// Opens the store the config names for the chosen cluster (no request is made yet).
+    pub async fn open(config: Config, cluster: Option<&str>) -> Result<ClusterHandle, Error> {
+        let (name, _) = config.cluster(cluster).map_err(Error::Usage)?;
+        let name = name.to_string();
+        let store = store::open(
+            &config.repository.url,
+            &config.s3_settings(),
+            &config.store_options(),
+        )
+        .await
+        .map_err(Error::Usage)?;
+        let level = config.compression.level;
+        let mut config = config;
+        let cluster_config = config
+            .clusters
+            .remove(&name)
+            .ok_or_else(|| Error::Internal("cluster vanished from config".into()))?;
+        Ok(ClusterHandle {
+            repo: Repository::new(store, &name),
+            name,
+            config: cluster_config,
+            encode: EncodeOptions {
+                zstd_level: (level > 0).then_some(level),
+                ..EncodeOptions::default()
+            },
+        })
+    }
+
+    pub fn master_key(&self) -> Result<MasterKey, Error> {
+        Ok(MasterKey::load(&self.config.key_file)?)
+    }
+
+    /// Loads the master key and unwraps the repository's data keys.
+    pub async fn keyring(&self, info: &ClusterInfo) -> Result<Arc<Keyring>, Error> {
+        let master = self.master_key()?;
+        let file = self.repo.read_keyring().await?;
+        Ok(Arc::new(Keyring::open(&master, &info.repository_id, &file)?))
+    }
+}

@@ -1,0 +1,264 @@
+//! The configuration file (TOML). Every key is documented in config.example.toml; unknown keys
+//! are errors that name the key, so a typo never silently falls back to a default.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::{Deserialize, Deserializer};
+
+use crate::store::s3::S3Settings;
+use crate::store::StoreOptions;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tidemark/tidemark.toml";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub repository: RepositoryConfig,
+    #[serde(default)]
+    pub compression: CompressionConfig,
+    #[serde(default)]
+    pub clusters: BTreeMap<String, ClusterConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryConfig {
+    /// `file:///path` or `s3://bucket/prefix`.
+    pub url: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    #[serde(default)]
+    pub force_path_style: bool,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<SecretString>,
+    /// How long to keep retrying a failing store request.
+    #[serde(default = "default_retry_timeout", deserialize_with = "duration")]
+    pub retry_timeout: Duration,
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+}
+
+fn default_retry_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// zstd level, 1..=19; 0 stores objects uncompressed.
+    #[serde(default = "default_level")]
+    pub level: i32,
+}
+
+fn default_level() -> i32 {
+    3
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        CompressionConfig {
+            level: default_level(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The cluster's data directory (read for pg_control by wal-push of history files).
+    pub pgdata: Option<PathBuf>,
+    /// libpq-style connection string; may hold a password, so it is never printed.
+    pub connection: Option<SecretString>,
+    /// The cluster's master key file (32 bytes, mode 0600).
+    pub key_file: PathBuf,
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("config {path}: {detail}")]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub detail: String,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let err = |detail: String| ConfigError {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            err(match e.kind() {
+                std::io::ErrorKind::NotFound => "no such file".to_string(),
+                _ => e.to_string(),
+            })
+        })?;
+        Config::parse(&text).map_err(err)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| format!(" (line {})", text[..s.start.min(text.len())].lines().count().max(1)))
+                .unwrap_or_default();
+            format!("{}{line}", e.message().trim())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !(0..=22).contains(&self.compression.level) {
+            return Err(format!(
+                "compression.level = {} is out of range (0 = none, 1..=22 zstd)",
+                self.compression.level
+            ));
+        }
+        for name in self.clusters.keys() {
+            validate_cluster_name(name)?;
+        }
+        if self.repository.retry_timeout.is_zero() {
+            return Err("repository.retry_timeout must be more than 0".into());
+        }
+        Ok(())
+    }
+
+    /// Picks the cluster: the one named, or the only one configured.
+    pub fn cluster(&self, name: Option<&str>) -> Result<(&str, &ClusterConfig), String> {
+        match name {
+            Some(n) => self
+                .clusters
+                .get_key_value(n)
+                .map(|(k, v)| (k.as_str(), v))
+                .ok_or_else(|| {
+                    format!(
+                        "cluster {n:?} is not in the config (configured: {})",
+                        self.cluster_names()
+                    )
+                }),
+            None if self.clusters.len() == 1 => self
+                .clusters
+                .iter()
+                .next()
+                .map(|(k, v)| (k.as_str(), v))
+                .ok_or_else(|| "no cluster configured".to_string()),
+            None if self.clusters.is_empty() => {
+                Err("no [clusters.NAME] section in the config".to_string())
+            }
+            None => Err(format!(
+                "several clusters are configured ({}): choose one with --cluster",
+                self.cluster_names()
+            )),
+        }
+    }
+
+    fn cluster_names(&self) -> String {
+        if self.clusters.is_empty() {
+            return "none".into();
+        }
+        self.clusters.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+
+    pub fn s3_settings(&self) -> S3Settings {
+        S3Settings {
+            endpoint: self.repository.endpoint.clone(),
+            region: self.repository.region.clone(),
+            force_path_style: self.repository.force_path_style,
+            access_key_id: self.repository.access_key_id.clone(),
+            secret_access_key: self.repository.secret_access_key.clone(),
+        }
+    }
+
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            retry_deadline: self.repository.retry_timeout,
+            connect_timeout: self.repository.connect_timeout,
+        }
+    }
+}
+
+/// Cluster names become a path component of the repository.
+pub fn validate_cluster_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "cluster name {name:?} must be 1-64 characters of A-Z, a-z, 0-9, '-' and '_'"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"
+[repository]
+url = "file:///tmp/repo"
+[clusters.acme]
+key_file = "/k"
+"#;
+
+    #[test]
+    fn parses_minimal_and_defaults() {
+        let c = Config::parse(OK).unwrap();
+        assert_eq!(c.compression.level, 3);
+        assert_eq!(c.repository.retry_timeout, Duration::from_secs(60));
+        assert_eq!(c.cluster(None).unwrap().0, "acme");
+        assert!(c.cluster(Some("beta")).unwrap_err().contains("acme"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::parse(&OK.replace("key_file", "key_fil = \"x\"\nkey_file")).unwrap_err();
+        assert!(e.contains("key_fil"), "{e}");
+        assert!(e.contains("line"), "{e}");
+        let e = Config::parse(&format!("{OK}\n[compresion]\nlevel = 1\n")).unwrap_err();
+        assert!(e.contains("compresion"), "{e}");
+    }
+
+    #[test]
+    fn missing_keys_are_named() {
+        let e = Config::parse("[repository]\n[clusters.a]\nkey_file='/k'\n").unwrap_err();
+        assert!(e.contains("url"), "{e}");
+        let e = Config::parse("[repository]\nurl='file:///r'\n[clusters.a]\n").unwrap_err();
+        assert!(e.contains("key_file"), "{e}");
+    }
+
+    #[test]
+    fn bad_values() {
+        assert!(Config::parse(&format!("{OK}[compression]\nlevel = 99\n")).is_err());
+        assert!(Config::parse(&OK.replace("[clusters.acme]", "[clusters.\"a/b\"]")).is_err());
+        let e = Config::parse(&OK.replace("url =", "retry_timeout = \"soon\"\nurl =")).unwrap_err();
+        assert!(e.contains("soon"), "{e}");
+    }
+
+    #[test]
+    fn secrets_do_not_debug_print() {
+        let c = Config::parse(&OK.replace(
+            "url =",
+            "secret_access_key = \"SUPERSECRET\"\naccess_key_id = \"AK\"\nurl =",
+        ).replace("key_file", "connection = \"password=HUNTER2\"\nkey_file"))
+        .unwrap();
+        let dbg = format!("{c:?} {:?}", c.s3_settings());
+        assert!(!dbg.contains("SUPERSECRET") && !dbg.contains("HUNTER2"), "{dbg}");
+    }
+}

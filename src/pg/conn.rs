@@ -1,0 +1,75 @@
+//! Connections to the cluster being backed up.
+
+use std::str::FromStr;
+
+use tokio_postgres::{Client, Config, NoTls};
+
+/// Facts about a running cluster that the repository records at `init`.
+#[derive(Debug, Clone)]
+pub struct ServerIdentity {
+    pub system_identifier: u64,
+    pub version_num: u32,
+    pub wal_segment_size: u64,
+}
+
+/// Connects with a libpq-style connection string. The string may hold a password: it is never
+/// logged and errors name only the host part.
+pub async fn connect(conninfo: &str) -> Result<Client, String> {
+    let config = Config::from_str(conninfo)
+        .map_err(|e| format!("invalid connection string: {}", first_line(&e.to_string())))?;
+    let target = describe(&config);
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| format!("cannot connect to PostgreSQL at {target}: {}", first_line(&e.to_string())))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "PostgreSQL connection closed");
+        }
+    });
+    Ok(client)
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").to_string()
+}
+
+/// host:port of a config, without user or password.
+fn describe(c: &Config) -> String {
+    let host = c
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = c.get_ports().first().copied().unwrap_or(5432);
+    format!("{host}:{port}")
+}
+
+pub async fn identify(client: &Client) -> Result<ServerIdentity, String> {
+    let row = client
+        .query_one(
+            "select (select system_identifier::text from pg_control_system()), \
+                    current_setting('server_version_num'), \
+                    (select setting from pg_settings where name = 'wal_segment_size')",
+            &[],
+        )
+        .await
+        .map_err(|e| format!("querying the server's identity: {e}"))?;
+    let sysid: String = row.get(0);
+    let version: String = row.get(1);
+    let segsize: String = row.get(2);
+    Ok(ServerIdentity {
+        system_identifier: sysid
+            .parse()
+            .map_err(|_| format!("unexpected system identifier {sysid:?}"))?,
+        version_num: version
+            .parse()
+            .map_err(|_| format!("unexpected server_version_num {version:?}"))?,
+        wal_segment_size: segsize
+            .parse()
+            .map_err(|_| format!("unexpected wal_segment_size {segsize:?}"))?,
+    })
+}

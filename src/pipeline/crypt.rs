@@ -1,0 +1,815 @@
+//! The object format: a 60-byte header, then the (optionally zstd-compressed) payload sealed in
+//! AES-256-GCM chunks. docs/format.md is the specification; this file implements it.
+//!
+//! Security properties (each one has a test below):
+//! - every object gets its own key, HKDF(data key, random 32-byte salt, context), and the
+//!   context binds the header, the repository id and the object's name: a bit flip in the
+//!   header, or an object copied under another name or into another repository, fails to
+//!   authenticate at its first chunk;
+//! - chunk nonces are a STREAM counter plus a last-chunk flag: reordered, dropped, duplicated or
+//!   spliced chunks, truncation at any byte (including at a chunk boundary) and trailing bytes
+//!   all fail authentication;
+//! - since a key encrypts exactly one object, counter nonces are never reused under a key.
+
+use std::io::{self, Read, Write};
+
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, NONCE_LEN};
+use aws_lc_rs::digest;
+use aws_lc_rs::hkdf;
+use bytes::Bytes;
+
+use super::keys::{aead_key, expand, push_field, random_bytes, DataKey, Keyring, KEY_ID_LEN};
+use super::{CryptError, PipelineError};
+
+pub const MAGIC: &[u8; 8] = b"TIDEMARK";
+pub const FORMAT_VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 60;
+pub const TAG_LEN: usize = 16;
+pub const SALT_LEN: usize = 32;
+/// Accepted plaintext chunk sizes: 4 KiB ..= 16 MiB (bounds a decoder's memory).
+pub const MIN_CHUNK_SHIFT: u8 = 12;
+pub const MAX_CHUNK_SHIFT: u8 = 24;
+/// 1 MiB chunks: the tag overhead is 16 bytes per MiB and memory per stream stays small.
+pub const DEFAULT_CHUNK_SHIFT: u8 = 20;
+
+const OBJECT_KEY_INFO: &[u8] = b"tidemark/v1/object";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None = 0,
+    Zstd = 1,
+}
+
+/// What an object is bound to besides its key: the repository it lives in and its name there.
+#[derive(Debug, Clone)]
+pub struct ObjectContext<'a> {
+    pub repository_id: &'a str,
+    pub name: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectHeader {
+    pub compression: Compression,
+    pub chunk_shift: u8,
+    pub key_id: [u8; KEY_ID_LEN],
+    pub salt: [u8; SALT_LEN],
+}
+
+impl ObjectHeader {
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[..8].copy_from_slice(MAGIC);
+        h[8] = FORMAT_VERSION;
+        h[9] = self.compression as u8;
+        h[10] = self.chunk_shift;
+        h[11] = 0;
+        h[12..28].copy_from_slice(&self.key_id);
+        h[28..60].copy_from_slice(&self.salt);
+        h
+    }
+
+    pub fn parse(h: &[u8; HEADER_LEN]) -> Result<ObjectHeader, CryptError> {
+        if &h[..8] != MAGIC {
+            return Err(CryptError::Format("not a tidemark object (bad magic)".into()));
+        }
+        if h[8] != FORMAT_VERSION {
+            return Err(CryptError::Format(format!(
+                "object format version {} is not supported by this tidemark (knows {FORMAT_VERSION})",
+                h[8]
+            )));
+        }
+        let compression = match h[9] {
+            0 => Compression::None,
+            1 => Compression::Zstd,
+            c => return Err(CryptError::Format(format!("unknown compression id {c}"))),
+        };
+        let chunk_shift = h[10];
+        if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&chunk_shift) {
+            return Err(CryptError::Format(format!("chunk size 2^{chunk_shift} out of range")));
+        }
+        if h[11] != 0 {
+            return Err(CryptError::Format("reserved header byte is not zero".into()));
+        }
+        let mut key_id = [0u8; KEY_ID_LEN];
+        key_id.copy_from_slice(&h[12..28]);
+        let mut salt = [0u8; SALT_LEN];
+        salt.copy_from_slice(&h[28..60]);
+        Ok(ObjectHeader {
+            compression,
+            chunk_shift,
+            key_id,
+            salt,
+        })
+    }
+
+    fn chunk_size(&self) -> usize {
+        1usize << self.chunk_shift
+    }
+}
+
+/// K_obj = HKDF-SHA256(salt, DEK, info = label || len‖repository id || len‖name || header).
+fn object_key(
+    dek: &DataKey,
+    header: &[u8; HEADER_LEN],
+    ctx: &ObjectContext<'_>,
+) -> Result<LessSafeKey, CryptError> {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &header[28..60]).extract(dek.secret());
+    let mut info = OBJECT_KEY_INFO.to_vec();
+    push_field(&mut info, ctx.repository_id.as_bytes());
+    push_field(&mut info, ctx.name.as_bytes());
+    push_field(&mut info, header);
+    let mut k = zeroize::Zeroizing::new([0u8; 32]);
+    expand(&prk, &info, &mut k[..]);
+    aead_key(&k)
+}
+
+fn chunk_nonce(counter: u32, last: bool) -> Nonce {
+    let mut n = [0u8; NONCE_LEN];
+    n[7..11].copy_from_slice(&counter.to_be_bytes());
+    n[11] = u8::from(last);
+    Nonce::assume_unique_for_key(n)
+}
+
+/// Encoding parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct EncodeOptions {
+    /// zstd level; `None` stores the payload uncompressed.
+    pub zstd_level: Option<i32>,
+    pub chunk_shift: u8,
+    /// Compute the SHA-256 of the original bytes while encoding.
+    pub sha256: bool,
+}
+
+impl Default for EncodeOptions {
+    fn default() -> Self {
+        EncodeOptions {
+            zstd_level: Some(3),
+            chunk_shift: DEFAULT_CHUNK_SHIFT,
+            sha256: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EncodeStats {
+    /// Bytes read from the source.
+    pub original_bytes: u64,
+    /// Bytes of the encoded object (header and tags included).
+    pub stored_bytes: u64,
+    pub sha256: Option<[u8; 32]>,
+}
+
+/// Splits a byte stream into sealed chunks and hands each (and first the header) to `sink`.
+///
+/// A full chunk is sealed as "not last" only once a byte beyond it arrives, so the final chunk
+/// (0..=chunk_size bytes) always carries the last flag, even when the payload is empty.
+struct ChunkSealer<F> {
+    key: LessSafeKey,
+    chunk_size: usize,
+    buf: Vec<u8>,
+    counter: u32,
+    stored: u64,
+    sink: F,
+}
+
+impl<F: FnMut(Bytes) -> io::Result<()>> ChunkSealer<F> {
+    fn seal(&mut self, last: bool) -> io::Result<()> {
+        let mut chunk =
+            std::mem::replace(&mut self.buf, Vec::with_capacity(self.chunk_size + TAG_LEN));
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(chunk_nonce(self.counter, last), Aad::empty(), &mut chunk)
+            .map_err(|_| io::Error::other(CryptError::Random))?;
+        chunk.extend_from_slice(tag.as_ref());
+        self.counter = self.counter.checked_add(1).ok_or_else(|| {
+            io::Error::other(CryptError::Format("object exceeds 2^32 chunks".into()))
+        })?;
+        self.stored += chunk.len() as u64;
+        (self.sink)(Bytes::from(chunk))
+    }
+
+    fn finish(mut self) -> io::Result<u64> {
+        self.seal(true)?;
+        Ok(self.stored)
+    }
+}
+
+impl<F: FnMut(Bytes) -> io::Result<()>> Write for ChunkSealer<F> {
+    fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
+        let n = data.len();
+        while !data.is_empty() {
+            if self.buf.len() == self.chunk_size {
+                self.seal(false)?;
+            }
+            let take = (self.chunk_size - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads `src` to its end and encodes it as one object, handing encoded bytes to `sink` in
+/// order (the header first, then one sealed chunk per call). Memory: one chunk plus the zstd
+/// window, whatever the size of `src`.
+pub fn encode<R: Read, F: FnMut(Bytes) -> io::Result<()>>(
+    mut src: R,
+    dek: &DataKey,
+    ctx: &ObjectContext<'_>,
+    opts: &EncodeOptions,
+    mut sink: F,
+) -> Result<EncodeStats, PipelineError> {
+    if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&opts.chunk_shift) {
+        return Err(CryptError::Format(format!("chunk size 2^{} out of range", opts.chunk_shift)).into());
+    }
+    let mut salt = [0u8; SALT_LEN];
+    random_bytes(&mut salt)?;
+    let header = ObjectHeader {
+        compression: if opts.zstd_level.is_some() {
+            Compression::Zstd
+        } else {
+            Compression::None
+        },
+        chunk_shift: opts.chunk_shift,
+        key_id: *dek.id(),
+        salt,
+    };
+    let header_bytes = header.to_bytes();
+    let key = object_key(dek, &header_bytes, ctx)?;
+    sink(Bytes::copy_from_slice(&header_bytes)).map_err(PipelineError::from_sink)?;
+    let chunk_size = header.chunk_size();
+    let sealer = ChunkSealer {
+        key,
+        chunk_size,
+        buf: Vec::with_capacity(chunk_size + TAG_LEN),
+        counter: 0,
+        stored: HEADER_LEN as u64,
+        sink,
+    };
+    let mut hasher = opts.sha256.then(|| digest::Context::new(&digest::SHA256));
+    let mut original = 0u64;
+    let mut inbuf = vec![0u8; 256 * 1024];
+    let mut pump = |w: &mut dyn Write| -> Result<(), PipelineError> {
+        loop {
+            let n = match src.read(&mut inbuf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(PipelineError::Source(e)),
+            };
+            original += n as u64;
+            if let Some(h) = hasher.as_mut() {
+                h.update(&inbuf[..n]);
+            }
+            w.write_all(&inbuf[..n]).map_err(PipelineError::from_sink)?;
+        }
+    };
+    let stored = match opts.zstd_level {
+        Some(level) => {
+            let mut z = zstd::stream::write::Encoder::new(sealer, level).map_err(PipelineError::from_sink)?;
+            // The AEAD already authenticates every byte; a zstd checksum would be redundant work.
+            z.include_checksum(false).map_err(PipelineError::from_sink)?;
+            pump(&mut z)?;
+            z.finish().map_err(PipelineError::from_sink)?.finish()
+        }
+        None => {
+            let mut s = sealer;
+            pump(&mut s)?;
+            s.finish()
+        }
+    }
+    .map_err(PipelineError::from_sink)?;
+    Ok(EncodeStats {
+        original_bytes: original,
+        stored_bytes: stored,
+        sha256: hasher.map(|h| {
+            let mut out = [0u8; 32];
+            out.copy_from_slice(h.finish().as_ref());
+            out
+        }),
+    })
+}
+
+/// Opens sealed chunks as they are read: a `Read` over the authenticated (still compressed)
+/// payload. It never returns a byte that has not been authenticated.
+struct ChunkOpener<R> {
+    inner: R,
+    key: LessSafeKey,
+    sealed_len: usize,
+    buf: Vec<u8>,
+    plain_len: usize,
+    pos: usize,
+    counter: u32,
+    lookahead: Option<u8>,
+    done: bool,
+    name: String,
+}
+
+impl<R: Read> ChunkOpener<R> {
+    fn fail(&self, what: &str) -> io::Error {
+        io::Error::other(CryptError::Integrity {
+            object: self.name.clone(),
+            detail: what.to_string(),
+        })
+    }
+
+    /// Reads the next sealed chunk and authenticates it. Returns false at the end.
+    fn next_chunk(&mut self) -> io::Result<bool> {
+        if self.done {
+            return Ok(false);
+        }
+        self.buf.clear();
+        self.buf.resize(self.sealed_len, 0);
+        let mut got = 0;
+        if let Some(b) = self.lookahead.take() {
+            self.buf[0] = b;
+            got = 1;
+        }
+        while got < self.sealed_len {
+            match self.inner.read(&mut self.buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let last = if got == self.sealed_len {
+            let mut one = [0u8; 1];
+            loop {
+                match self.inner.read(&mut one) {
+                    Ok(0) => break true,
+                    Ok(_) => {
+                        self.lookahead = Some(one[0]);
+                        break false;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        } else {
+            true
+        };
+        if got < TAG_LEN {
+            return Err(self.fail(&format!(
+                "truncated: chunk {} has {got} bytes, less than its tag",
+                self.counter
+            )));
+        }
+        self.buf.truncate(got);
+        let counter = self.counter;
+        let opened = self
+            .key
+            .open_in_place(chunk_nonce(counter, last), Aad::empty(), &mut self.buf)
+            .map(|p| p.len());
+        let plain_len = match opened {
+            Ok(n) => n,
+            Err(_) => {
+                return Err(self.fail(&format!(
+                    "authentication failed at chunk {counter} (corrupted, truncated, extended, \
+                     or not the object stored under this name)"
+                )))
+            }
+        };
+        if !last && plain_len != self.sealed_len - TAG_LEN {
+            return Err(self.fail("chunk shorter than the chunk size before the last chunk"));
+        }
+        self.counter = counter
+            .checked_add(1)
+            .ok_or_else(|| self.fail("more than 2^32 chunks"))?;
+        self.plain_len = plain_len;
+        self.pos = 0;
+        self.done = last;
+        Ok(true)
+    }
+}
+
+impl<R: Read> Read for ChunkOpener<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.plain_len {
+            if !self.next_chunk()? {
+                return Ok(0);
+            }
+        }
+        let n = (self.plain_len - self.pos).min(out.len());
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DecodeStats {
+    pub stored_bytes: u64,
+    pub original_bytes: u64,
+    pub sha256: Option<[u8; 32]>,
+}
+
+/// Reads the header of an object from `src`.
+pub fn read_header<R: Read>(src: &mut R, name: &str) -> Result<ObjectHeader, PipelineError> {
+    let mut h = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match src.read(&mut h[got..]) {
+            Ok(0) => {
+                return Err(CryptError::Integrity {
+                    object: name.to_string(),
+                    detail: format!("truncated: {got} bytes, shorter than the {HEADER_LEN}-byte header"),
+                }
+                .into())
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(PipelineError::Source(e)),
+        }
+    }
+    ObjectHeader::parse(&h).map_err(|e| match e {
+        CryptError::Format(detail) => CryptError::Integrity {
+            object: name.to_string(),
+            detail,
+        }
+        .into(),
+        other => other.into(),
+    })
+}
+
+/// Decodes one object from `src` into `dst`, authenticating every chunk before any of its bytes
+/// reach `dst`. On error, `dst` may have received a prefix of the (authentic) content: callers
+/// write into a temporary file and publish it only on success.
+pub fn decode<R: Read, W: Write>(
+    src: R,
+    keyring: &Keyring,
+    ctx: &ObjectContext<'_>,
+    want_sha256: bool,
+    dst: W,
+) -> Result<DecodeStats, PipelineError> {
+    let mut src = CountingReader { inner: src, count: 0 };
+    let header = read_header(&mut src, ctx.name)?;
+    let header_bytes = header.to_bytes();
+    let dek = keyring.get(&header.key_id).ok_or_else(|| CryptError::UnknownKey {
+        object: ctx.name.to_string(),
+        key_id: hex::encode(header.key_id),
+    })?;
+    let key = object_key(dek, &header_bytes, ctx)?;
+    let chunk_size = header.chunk_size();
+    let opener = ChunkOpener {
+        inner: SourceTag(&mut src),
+        key,
+        sealed_len: chunk_size + TAG_LEN,
+        buf: Vec::with_capacity(chunk_size + TAG_LEN),
+        plain_len: 0,
+        pos: 0,
+        counter: 0,
+        lookahead: None,
+        done: false,
+        name: ctx.name.to_string(),
+    };
+    let mut out = HashingWriter {
+        inner: dst,
+        hasher: want_sha256.then(|| digest::Context::new(&digest::SHA256)),
+        count: 0,
+    };
+    let copy_result = match header.compression {
+        Compression::None => copy(opener, &mut out),
+        Compression::Zstd => {
+            let dec = zstd::stream::read::Decoder::new(opener).map_err(PipelineError::from_sink)?;
+            copy(dec, &mut out)
+        }
+    };
+    copy_result.map_err(|e| PipelineError::classify(e, ctx.name))?;
+    Ok(DecodeStats {
+        stored_bytes: src.count,
+        original_bytes: out.count,
+        sha256: out.hasher.map(|h| {
+            let mut o = [0u8; 32];
+            o.copy_from_slice(h.finish().as_ref());
+            o
+        }),
+    })
+}
+
+fn copy<R: Read, W: Write>(mut r: R, w: &mut W) -> io::Result<()> {
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        w.write_all(&buf[..n])
+            .map_err(|e| io::Error::other(Tagged::Sink(e)))?;
+    }
+}
+
+/// Marks which side of the pipeline an I/O error came from, so the caller can tell a broken
+/// source (store), a broken sink (local disk) and a failed authentication apart.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Tagged {
+    #[error("{0}")]
+    Source(io::Error),
+    #[error("{0}")]
+    Sink(io::Error),
+}
+
+struct SourceTag<R>(R);
+impl<R: Read> Read for SourceTag<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf).map_err(|e| io::Error::other(Tagged::Source(e)))
+    }
+}
+
+struct CountingReader<R> {
+    inner: R,
+    count: u64,
+}
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Option<digest::Context>,
+    count: u64,
+}
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::keys::MasterKey;
+    use proptest::prelude::*;
+
+    fn ring() -> Keyring {
+        Keyring::create(&MasterKey::from_bytes(&[9u8; 32]), "repo-1").unwrap().0
+    }
+
+    fn ctx(name: &str) -> ObjectContext<'_> {
+        ObjectContext {
+            repository_id: "repo-1",
+            name,
+        }
+    }
+
+    fn enc(ring: &Keyring, data: &[u8], opts: EncodeOptions, name: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        let stats = encode(data, ring.current(), &ctx(name), &opts, |b| {
+            out.extend_from_slice(&b);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(stats.original_bytes, data.len() as u64);
+        assert_eq!(stats.stored_bytes, out.len() as u64);
+        out
+    }
+
+    fn dec(ring: &Keyring, obj: &[u8], name: &str) -> Result<Vec<u8>, PipelineError> {
+        let mut out = Vec::new();
+        decode(obj, ring, &ctx(name), true, &mut out).map(|_| out)
+    }
+
+    fn small_chunks(zstd: bool) -> EncodeOptions {
+        EncodeOptions {
+            zstd_level: zstd.then_some(1),
+            chunk_shift: MIN_CHUNK_SHIFT,
+            sha256: true,
+        }
+    }
+
+    fn data(len: usize, seed: u64) -> Vec<u8> {
+        // Half-compressible pseudo-random bytes.
+        let mut x = seed | 1;
+        (0..len)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if i % 3 == 0 { 0 } else { x as u8 }
+            })
+            .collect()
+    }
+
+    fn is_integrity(e: &PipelineError) -> bool {
+        matches!(e, PipelineError::Crypt(CryptError::Integrity { .. }))
+    }
+
+    #[test]
+    fn round_trip_boundaries() {
+        let r = ring();
+        let cs = 1 << MIN_CHUNK_SHIFT;
+        for zstd in [false, true] {
+            for len in [0, 1, cs - 1, cs, cs + 1, 2 * cs, 3 * cs + 7, 5 << 20] {
+                let d = data(len, len as u64 + 1);
+                let obj = enc(&r, &d, small_chunks(zstd), "n");
+                assert_eq!(dec(&r, &obj, "n").unwrap(), d, "len {len} zstd {zstd}");
+            }
+        }
+        // Uncompressed: exact size = header + payload + one tag per chunk.
+        let obj = enc(&r, &data(2 * cs, 5), small_chunks(false), "n");
+        assert_eq!(obj.len(), HEADER_LEN + 2 * cs + 2 * TAG_LEN);
+        let obj = enc(&r, &[], small_chunks(false), "n");
+        assert_eq!(obj.len(), HEADER_LEN + TAG_LEN);
+    }
+
+    #[test]
+    fn sha256_matches() {
+        let r = ring();
+        let d = data(100_000, 3);
+        let mut out = Vec::new();
+        let opts = EncodeOptions { sha256: true, ..Default::default() };
+        let s = encode(&d[..], r.current(), &ctx("x"), &opts, |b| {
+            out.extend_from_slice(&b);
+            Ok(())
+        })
+        .unwrap();
+        let expect = digest::digest(&digest::SHA256, &d);
+        assert_eq!(&s.sha256.unwrap()[..], expect.as_ref());
+        let ds = decode(&out[..], &r, &ctx("x"), true, io::sink()).unwrap();
+        assert_eq!(&ds.sha256.unwrap()[..], expect.as_ref());
+        assert_eq!(ds.original_bytes, 100_000);
+        assert_eq!(ds.stored_bytes, out.len() as u64);
+    }
+
+    #[test]
+    fn every_bit_flip_is_detected() {
+        let r = ring();
+        let d = data(3 * 4096 + 100, 11);
+        let obj = enc(&r, &d, small_chunks(false), "n");
+        // Every byte position, one bit each (the object is small enough to be exhaustive).
+        for i in 0..obj.len() {
+            let mut t = obj.clone();
+            t[i] ^= 1 << (i % 8);
+            let e = dec(&r, &t, "n").expect_err(&format!("flip at {i} not detected"));
+            assert!(
+                matches!(e, PipelineError::Crypt(_)),
+                "flip at {i} gave {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn truncation_at_every_length_is_detected() {
+        let r = ring();
+        let d = data(2 * 4096 + 10, 12);
+        let obj = enc(&r, &d, small_chunks(false), "n");
+        for len in 0..obj.len() {
+            let e = dec(&r, &obj[..len], "n").expect_err(&format!("truncation to {len}"));
+            assert!(is_integrity(&e), "len {len}: {e:?}");
+        }
+        // Truncation exactly at a chunk boundary (the remaining chunks are all valid).
+        let sealed = 4096 + TAG_LEN;
+        assert!(is_integrity(&dec(&r, &obj[..HEADER_LEN + 2 * sealed], "n").unwrap_err()));
+    }
+
+    #[test]
+    fn trailing_bytes_are_detected() {
+        let r = ring();
+        for len in [0, 10, 4096] {
+            let mut obj = enc(&r, &data(len, 13), small_chunks(false), "n");
+            obj.push(0);
+            assert!(is_integrity(&dec(&r, &obj, "n").unwrap_err()), "len {len}");
+            // A whole extra copy of the last chunk appended.
+            let mut obj2 = enc(&r, &data(len, 13), small_chunks(false), "n");
+            let tail = obj2[obj2.len() - TAG_LEN..].to_vec();
+            obj2.extend_from_slice(&tail);
+            assert!(dec(&r, &obj2, "n").is_err(), "len {len}");
+        }
+    }
+
+    #[test]
+    fn reordered_and_spliced_chunks_are_detected() {
+        let r = ring();
+        let d = data(3 * 4096, 14);
+        let obj = enc(&r, &d, small_chunks(false), "n");
+        let sealed = 4096 + TAG_LEN;
+        let chunk = |o: &[u8], i: usize| o[HEADER_LEN + i * sealed..HEADER_LEN + (i + 1) * sealed].to_vec();
+        // Swap chunks 0 and 1.
+        let mut swapped = obj[..HEADER_LEN].to_vec();
+        swapped.extend(chunk(&obj, 1));
+        swapped.extend(chunk(&obj, 0));
+        swapped.extend(chunk(&obj, 2));
+        assert!(is_integrity(&dec(&r, &swapped, "n").unwrap_err()));
+        // Drop a middle chunk.
+        let mut dropped = obj[..HEADER_LEN].to_vec();
+        dropped.extend(chunk(&obj, 0));
+        dropped.extend(chunk(&obj, 2));
+        assert!(is_integrity(&dec(&r, &dropped, "n").unwrap_err()));
+        // Splice a chunk from another object under the same key and name.
+        let other = enc(&r, &data(3 * 4096, 15), small_chunks(false), "n");
+        let mut spliced = obj[..HEADER_LEN].to_vec();
+        spliced.extend(chunk(&obj, 0));
+        spliced.extend(chunk(&other, 1));
+        spliced.extend(chunk(&obj, 2));
+        assert!(is_integrity(&dec(&r, &spliced, "n").unwrap_err()));
+    }
+
+    #[test]
+    fn object_is_bound_to_name_and_repository() {
+        let r = ring();
+        let obj = enc(&r, b"hello", small_chunks(true), "wal/00000001/A");
+        assert!(is_integrity(&dec(&r, &obj, "wal/00000001/B").unwrap_err()));
+        let mut out = Vec::new();
+        let other_repo = ObjectContext { repository_id: "repo-2", name: "wal/00000001/A" };
+        assert!(is_integrity(&decode(&obj[..], &r, &other_repo, false, &mut out).unwrap_err()));
+    }
+
+    #[test]
+    fn unknown_data_key_is_named() {
+        let r = ring();
+        let other = Keyring::create(&MasterKey::from_bytes(&[9u8; 32]), "repo-1").unwrap().0;
+        let obj = enc(&other, b"x", small_chunks(true), "n");
+        match dec(&r, &obj, "n").unwrap_err() {
+            PipelineError::Crypt(CryptError::UnknownKey { key_id, .. }) => {
+                assert_eq!(key_id, hex::encode(other.current().id()))
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+    }
+
+    #[test]
+    fn header_fields_are_validated() {
+        let r = ring();
+        let obj = enc(&r, b"abc", small_chunks(true), "n");
+        let mut bad_magic = obj.clone();
+        bad_magic[0] = b'X';
+        assert!(dec(&r, &bad_magic, "n").unwrap_err().to_string().contains("magic"));
+        let mut bad_version = obj.clone();
+        bad_version[8] = 2;
+        assert!(dec(&r, &bad_version, "n").unwrap_err().to_string().contains("version 2"));
+        let mut huge_chunks = obj.clone();
+        huge_chunks[10] = 40;
+        assert!(dec(&r, &huge_chunks, "n").is_err());
+    }
+
+    #[test]
+    fn fixed_test_vector_decodes() {
+        // docs/format.md, "Test vector": master key 32×0x01, repository id "test-repo",
+        // object name "vector", payload "tidemark\n" uncompressed, 4 KiB chunks. Its data key is
+        // fixed here instead of unwrapped (the keyring path is tested separately).
+        let dek = DataKey::from_parts([0x22; 16], [0x33; 32]);
+        let ring = Keyring::from_keys_for_tests(dek);
+        let header = ObjectHeader {
+            compression: Compression::None,
+            chunk_shift: 12,
+            key_id: [0x22; 16],
+            salt: [0x44; 32],
+        };
+        let hb = header.to_bytes();
+        let c = ObjectContext { repository_id: "test-repo", name: "vector" };
+        let key = object_key(ring.current(), &hb, &c).unwrap();
+        let mut payload = b"tidemark\n".to_vec();
+        let tag = key
+            .seal_in_place_separate_tag(chunk_nonce(0, true), Aad::empty(), &mut payload)
+            .unwrap();
+        let mut obj = hb.to_vec();
+        obj.extend_from_slice(&payload);
+        obj.extend_from_slice(tag.as_ref());
+        assert_eq!(hex::encode(&obj), VECTOR_HEX, "format changed: update docs/format.md");
+        let mut out = Vec::new();
+        decode(&obj[..], &ring, &c, false, &mut out).unwrap();
+        assert_eq!(out, b"tidemark\n");
+    }
+
+    pub(crate) const VECTOR_HEX: &str = "544944454d41524b01000c0022222222222222222222222222222222444444444444444444444444444444444444444444444444444444444444444418071\
+         25ca66353336e137490bf041ecbb430bbc4f7a8f02945";
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn prop_round_trip(len in 0usize..40_000, seed in any::<u64>(), zstd in any::<bool>(), shift in 12u8..15) {
+            let r = ring();
+            let d = data(len, seed);
+            let opts = EncodeOptions { zstd_level: zstd.then_some(3), chunk_shift: shift, sha256: false };
+            let obj = enc(&r, &d, opts, "p");
+            prop_assert_eq!(dec(&r, &obj, "p").unwrap(), d);
+        }
+
+        #[test]
+        fn prop_any_single_byte_change_fails(len in 0usize..20_000, seed in any::<u64>(), pos in any::<prop::sample::Index>(), delta in 1u8..=255) {
+            let r = ring();
+            let mut obj = enc(&r, &data(len, seed), small_chunks(true), "p");
+            let i = pos.index(obj.len());
+            obj[i] = obj[i].wrapping_add(delta);
+            prop_assert!(dec(&r, &obj, "p").is_err());
+        }
+    }
+}
