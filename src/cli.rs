@@ -201,7 +201,11 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             println_out(&format!(
                 "{} repository of cluster {} in {} (system identifier {}, PostgreSQL {}, {} MiB WAL segments)",
-                if out.created { "initialised" } else { "already initialised:" },
+                if out.created {
+                    "initialised"
+                } else {
+                    "already initialised:"
+                },
                 cluster.name,
                 cluster.repo.store().describe(),
                 out.system_identifier,
@@ -215,7 +219,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::WalFetch { name, dest } => {
             let cluster = open_cluster(&cli).await?;
-            tidemark::wal::wal_fetch(&cluster, name, dest).await.map(|_| ())
+            tidemark::wal::wal_fetch(&cluster, name, dest)
+                .await
+                .map(|_| ())
         }
         Command::WalList { json } => {
             let cluster = open_cluster(&cli).await?;

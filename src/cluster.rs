@@ -53,6 +53,10 @@ impl ClusterHandle {
     pub async fn keyring(&self, info: &ClusterInfo) -> Result<Arc<Keyring>, Error> {
         let master = self.master_key()?;
         let file = self.repo.read_keyring().await?;
-        Ok(Arc::new(Keyring::open(&master, &info.repository_id, &file)?))
+        Ok(Arc::new(Keyring::open(
+            &master,
+            &info.repository_id,
+            &file,
+        )?))
     }
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::{Deserialize, Deserializer};
 
-use crate::store::s3::S3Settings;
 use crate::store::StoreOptions;
+use crate::store::s3::S3Settings;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tidemark/tidemark.toml";
 
@@ -111,7 +111,12 @@ impl Config {
         let cfg: Config = toml::from_str(text).map_err(|e| {
             let line = e
                 .span()
-                .map(|s| format!(" (line {})", text[..s.start.min(text.len())].lines().count().max(1)))
+                .map(|s| {
+                    format!(
+                        " (line {})",
+                        text[..s.start.min(text.len())].lines().count().max(1)
+                    )
+                })
                 .unwrap_or_default();
             format!("{}{line}", e.message().trim())
         })?;
@@ -253,12 +258,18 @@ key_file = "/k"
 
     #[test]
     fn secrets_do_not_debug_print() {
-        let c = Config::parse(&OK.replace(
-            "url =",
-            "secret_access_key = \"SUPERSECRET\"\naccess_key_id = \"AK\"\nurl =",
-        ).replace("key_file", "connection = \"password=HUNTER2\"\nkey_file"))
+        let c = Config::parse(
+            &OK.replace(
+                "url =",
+                "secret_access_key = \"SUPERSECRET\"\naccess_key_id = \"AK\"\nurl =",
+            )
+            .replace("key_file", "connection = \"password=HUNTER2\"\nkey_file"),
+        )
         .unwrap();
         let dbg = format!("{c:?} {:?}", c.s3_settings());
-        assert!(!dbg.contains("SUPERSECRET") && !dbg.contains("HUNTER2"), "{dbg}");
+        assert!(
+            !dbg.contains("SUPERSECRET") && !dbg.contains("HUNTER2"),
+            "{dbg}"
+        );
     }
 }

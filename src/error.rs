@@ -74,9 +74,9 @@ impl From<CryptError> for Error {
         match e {
             CryptError::KeyFile { .. } | CryptError::WrongKey { .. } => Error::Key(e),
             CryptError::Keyring(_) => Error::Repository(e.to_string()),
-            CryptError::Integrity { .. } | CryptError::UnknownKey { .. } | CryptError::Format(_) => {
-                Error::Integrity(e.to_string())
-            }
+            CryptError::Integrity { .. }
+            | CryptError::UnknownKey { .. }
+            | CryptError::Format(_) => Error::Integrity(e.to_string()),
             CryptError::Random => Error::Internal(e.to_string()),
         }
     }

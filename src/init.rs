@@ -5,8 +5,8 @@ use secrecy::ExposeSecret;
 use crate::cluster::ClusterHandle;
 use crate::error::Error;
 use crate::pg;
-use crate::pipeline::keys::random_bytes;
 use crate::pipeline::Keyring;
+use crate::pipeline::keys::random_bytes;
 use crate::repo::{ClusterInfo, REPOSITORY_FORMAT};
 
 #[derive(Debug, serde::Serialize)]

@@ -4,13 +4,13 @@
 //! `cli` → operations (`wal`) → `repo` (catalog) → `transfer` → `pipeline` / `store` → `pg`,
 //! `config`. See docs/architecture.md.
 
-pub mod pipeline;
-pub mod store;
-pub mod pg;
-pub mod config;
-pub mod repo;
-pub mod transfer;
 pub mod cluster;
+pub mod config;
 pub mod error;
 pub mod init;
+pub mod pg;
+pub mod pipeline;
+pub mod repo;
+pub mod store;
+pub mod transfer;
 pub mod wal;

@@ -12,7 +12,9 @@ use tokio::sync::mpsc;
 use tokio_util::io::SyncIoBridge;
 
 use crate::pipeline::crypt::DecodeStats;
-use crate::pipeline::{self, EncodeOptions, EncodeStats, Keyring, ObjectContext, PipelineError};
+use crate::pipeline::{
+    self, CryptError, EncodeOptions, EncodeStats, Keyring, ObjectContext, PipelineError,
+};
 use crate::store::{Store, StoreError};
 
 /// Sealed chunks buffered between the encoder and the store writer.
@@ -67,9 +69,9 @@ pub async fn put<R: Read + Send + 'static>(
         }
     }
     drop(rx); // unblocks the encoder if the store failed
-    let encoded = encoder.await.map_err(|e| {
-        PipelineError::Sink(std::io::Error::other(format!("encoder thread: {e}")))
-    });
+    let encoded = encoder
+        .await
+        .map_err(|e| PipelineError::Sink(std::io::Error::other(format!("encoder thread: {e}"))));
     if let Some(e) = store_error {
         writer.abort().await;
         return Err(e.into());
@@ -118,6 +120,19 @@ pub async fn get<W: Write + Send + 'static>(
             key,
             detail: io.to_string(),
         }),
+        // Name the object as an operator finds it: its key and its store.
+        PipelineError::Crypt(CryptError::Integrity { detail, .. }) => {
+            TransferError::Pipeline(PipelineError::Crypt(CryptError::Integrity {
+                object: format!("{key} in {describe}"),
+                detail,
+            }))
+        }
+        PipelineError::Crypt(CryptError::UnknownKey { key_id, .. }) => {
+            TransferError::Pipeline(PipelineError::Crypt(CryptError::UnknownKey {
+                object: format!("{key} in {describe}"),
+                key_id,
+            }))
+        }
         other => TransferError::Pipeline(other),
     })
 }

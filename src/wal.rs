@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use crate::cluster::ClusterHandle;
 use crate::error::Error;
-use crate::pg::control::{parse_segment_header, read_system_identifier, LONG_PAGE_HEADER_LEN};
+use crate::pg::control::{LONG_PAGE_HEADER_LEN, parse_segment_header, read_system_identifier};
 use crate::pg::wal::{WalFileKind, WalFileName};
-use crate::repo::walindex::{summarise, WalSummary};
-use crate::repo::{has_segment_header, ClusterInfo, Repository};
+use crate::repo::walindex::{WalSummary, summarise};
+use crate::repo::{ClusterInfo, Repository, has_segment_header};
 use crate::store::StoreError;
 use crate::transfer::{self, TransferError};
 
@@ -123,8 +123,9 @@ fn check_belongs(
     };
     if has_segment_header(wal.kind) {
         let mut head = [0u8; LONG_PAGE_HEADER_LEN];
-        file.read_exact(&mut head)
-            .map_err(|e| Error::InvalidInput(format!("{}: not a WAL segment: {e}", path.display())))?;
+        file.read_exact(&mut head).map_err(|e| {
+            Error::InvalidInput(format!("{}: not a WAL segment: {e}", path.display()))
+        })?;
         let h = parse_segment_header(&head)
             .map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))?;
         if h.system_identifier != repo_sysid {
@@ -237,11 +238,14 @@ pub struct FetchOutcome {
 /// Restores one archived WAL file to `dest`, atomically: the bytes go to a temporary file in
 /// the same directory, every chunk authenticated before it is written, and only a complete,
 /// authenticated file is fsynced and renamed to `dest`.
-pub async fn wal_fetch(cluster: &ClusterHandle, name: &str, dest: &Path) -> Result<FetchOutcome, Error> {
+pub async fn wal_fetch(
+    cluster: &ClusterHandle,
+    name: &str,
+    dest: &Path,
+) -> Result<FetchOutcome, Error> {
     let started = Instant::now();
-    let wal = WalFileName::parse(name).ok_or_else(|| {
-        Error::InvalidInput(format!("{name:?} is not a WAL file name"))
-    })?;
+    let wal = WalFileName::parse(name)
+        .ok_or_else(|| Error::InvalidInput(format!("{name:?} is not a WAL file name")))?;
     let info = cluster.repo.read_info().await?;
     let obj = cluster.repo.object(&info, Repository::wal_name(&wal));
     // Probe before loading keys: PostgreSQL asks for many files that do not exist, and those
@@ -267,7 +271,7 @@ pub async fn wal_fetch(cluster: &ClusterHandle, name: &str, dest: &Path) -> Resu
     let (stats, out) = match transfer::get(cluster.repo.store(), &obj, &keyring, false, out).await {
         Ok(r) => r,
         Err(TransferError::Store(StoreError::NotFound { .. })) => {
-            return Err(Error::NotFound(format!("{name}: not in the repository")))
+            return Err(Error::NotFound(format!("{name}: not in the repository")));
         }
         Err(e) => return Err(e.into()),
     };
@@ -289,7 +293,12 @@ pub async fn wal_fetch(cluster: &ClusterHandle, name: &str, dest: &Path) -> Resu
         let _ = d.sync_all();
     }
     let millis = started.elapsed().as_millis() as u64;
-    tracing::info!(file = name, bytes = stats.original_bytes, ms = millis, "fetched");
+    tracing::info!(
+        file = name,
+        bytes = stats.original_bytes,
+        ms = millis,
+        "fetched"
+    );
     Ok(FetchOutcome {
         name: name.to_string(),
         bytes: stats.original_bytes,

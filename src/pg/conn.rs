@@ -18,10 +18,12 @@ pub async fn connect(conninfo: &str) -> Result<Client, String> {
     let config = Config::from_str(conninfo)
         .map_err(|e| format!("invalid connection string: {}", first_line(&e.to_string())))?;
     let target = describe(&config);
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|e| format!("cannot connect to PostgreSQL at {target}: {}", first_line(&e.to_string())))?;
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+        format!(
+            "cannot connect to PostgreSQL at {target}: {}",
+            first_line(&e.to_string())
+        )
+    })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "PostgreSQL connection closed");

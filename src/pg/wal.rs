@@ -63,9 +63,11 @@ pub struct WalFileName {
 }
 
 fn hex8(s: &str) -> Option<u32> {
-    (s.len() == 8 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase()))
-        .then(|| u32::from_str_radix(s, 16).ok())
-        .flatten()
+    (s.len() == 8
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_lowercase()))
+    .then(|| u32::from_str_radix(s, 16).ok())
+    .flatten()
 }
 
 impl WalFileName {
@@ -124,7 +126,11 @@ pub fn segments_per_log(segment_size: u64) -> u64 {
 /// The name of segment `segno` on `timeline`.
 pub fn segment_name(timeline: u32, segno: u64, segment_size: u64) -> String {
     let per_log = segments_per_log(segment_size);
-    format!("{timeline:08X}{:08X}{:08X}", segno / per_log, segno % per_log)
+    format!(
+        "{timeline:08X}{:08X}{:08X}",
+        segno / per_log,
+        segno % per_log
+    )
 }
 
 /// The segment holding `lsn`.
@@ -139,7 +145,10 @@ mod tests {
     #[test]
     fn parses_names() {
         let s = WalFileName::parse("000000010000000A000000FF").unwrap();
-        assert_eq!((s.kind, s.timeline, s.log, s.seg), (WalFileKind::Segment, 1, 10, 255));
+        assert_eq!(
+            (s.kind, s.timeline, s.log, s.seg),
+            (WalFileKind::Segment, 1, 10, 255)
+        );
         assert_eq!(s.segment_no(16 << 20), Some(10 * 256 + 255));
         // With 64 MiB segments a log holds 64 segments: seg 0xFF is impossible.
         assert_eq!(s.segment_no(64 << 20), None);
@@ -168,12 +177,18 @@ mod tests {
 
     #[test]
     fn names_and_lsns() {
-        assert_eq!(segment_name(1, 10 * 256 + 255, 16 << 20), "000000010000000A000000FF");
+        assert_eq!(
+            segment_name(1, 10 * 256 + 255, 16 << 20),
+            "000000010000000A000000FF"
+        );
         assert_eq!(segment_name(3, 65, 64 << 20), "000000030000000100000001");
         let l: Lsn = "0/3000060".parse().unwrap();
         assert_eq!(l.0, 0x3000060);
         assert_eq!(l.to_string(), "0/3000060");
-        assert_eq!("16/B374D848".parse::<Lsn>().unwrap().to_string(), "16/B374D848");
+        assert_eq!(
+            "16/B374D848".parse::<Lsn>().unwrap().to_string(),
+            "16/B374D848"
+        );
         assert_eq!(segment_of(l, 16 << 20), 3);
         assert!("3000060".parse::<Lsn>().is_err());
         assert!("0/123456789".parse::<Lsn>().is_err());

@@ -13,12 +13,12 @@
 
 use std::io::{self, Read, Write};
 
-use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, NONCE_LEN};
+use aws_lc_rs::aead::{Aad, LessSafeKey, NONCE_LEN, Nonce};
 use aws_lc_rs::digest;
 use aws_lc_rs::hkdf;
 use bytes::Bytes;
 
-use super::keys::{aead_key, expand, push_field, random_bytes, DataKey, Keyring, KEY_ID_LEN};
+use super::keys::{DataKey, KEY_ID_LEN, Keyring, aead_key, expand, push_field, random_bytes};
 use super::{CryptError, PipelineError};
 
 pub const MAGIC: &[u8; 8] = b"TIDEMARK";
@@ -70,7 +70,9 @@ impl ObjectHeader {
 
     pub fn parse(h: &[u8; HEADER_LEN]) -> Result<ObjectHeader, CryptError> {
         if &h[..8] != MAGIC {
-            return Err(CryptError::Format("not a tidemark object (bad magic)".into()));
+            return Err(CryptError::Format(
+                "not a tidemark object (bad magic)".into(),
+            ));
         }
         if h[8] != FORMAT_VERSION {
             return Err(CryptError::Format(format!(
@@ -85,10 +87,14 @@ impl ObjectHeader {
         };
         let chunk_shift = h[10];
         if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&chunk_shift) {
-            return Err(CryptError::Format(format!("chunk size 2^{chunk_shift} out of range")));
+            return Err(CryptError::Format(format!(
+                "chunk size 2^{chunk_shift} out of range"
+            )));
         }
         if h[11] != 0 {
-            return Err(CryptError::Format("reserved header byte is not zero".into()));
+            return Err(CryptError::Format(
+                "reserved header byte is not zero".into(),
+            ));
         }
         let mut key_id = [0u8; KEY_ID_LEN];
         key_id.copy_from_slice(&h[12..28]);
@@ -224,7 +230,9 @@ pub fn encode<R: Read, F: FnMut(Bytes) -> io::Result<()>>(
     mut sink: F,
 ) -> Result<EncodeStats, PipelineError> {
     if !(MIN_CHUNK_SHIFT..=MAX_CHUNK_SHIFT).contains(&opts.chunk_shift) {
-        return Err(CryptError::Format(format!("chunk size 2^{} out of range", opts.chunk_shift)).into());
+        return Err(
+            CryptError::Format(format!("chunk size 2^{} out of range", opts.chunk_shift)).into(),
+        );
     }
     let mut salt = [0u8; SALT_LEN];
     random_bytes(&mut salt)?;
@@ -270,9 +278,11 @@ pub fn encode<R: Read, F: FnMut(Bytes) -> io::Result<()>>(
     };
     let stored = match opts.zstd_level {
         Some(level) => {
-            let mut z = zstd::stream::write::Encoder::new(sealer, level).map_err(PipelineError::from_sink)?;
+            let mut z = zstd::stream::write::Encoder::new(sealer, level)
+                .map_err(PipelineError::from_sink)?;
             // The AEAD already authenticates every byte; a zstd checksum would be redundant work.
-            z.include_checksum(false).map_err(PipelineError::from_sink)?;
+            z.include_checksum(false)
+                .map_err(PipelineError::from_sink)?;
             pump(&mut z)?;
             z.finish().map_err(PipelineError::from_sink)?.finish()
         }
@@ -371,7 +381,7 @@ impl<R: Read> ChunkOpener<R> {
                 return Err(self.fail(&format!(
                     "authentication failed at chunk {counter} (corrupted, truncated, extended, \
                      or not the object stored under this name)"
-                )))
+                )));
             }
         };
         if !last && plain_len != self.sealed_len - TAG_LEN {
@@ -417,9 +427,11 @@ pub fn read_header<R: Read>(src: &mut R, name: &str) -> Result<ObjectHeader, Pip
             Ok(0) => {
                 return Err(CryptError::Integrity {
                     object: name.to_string(),
-                    detail: format!("truncated: {got} bytes, shorter than the {HEADER_LEN}-byte header"),
+                    detail: format!(
+                        "truncated: {got} bytes, shorter than the {HEADER_LEN}-byte header"
+                    ),
                 }
-                .into())
+                .into());
             }
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -446,13 +458,18 @@ pub fn decode<R: Read, W: Write>(
     want_sha256: bool,
     dst: W,
 ) -> Result<DecodeStats, PipelineError> {
-    let mut src = CountingReader { inner: src, count: 0 };
+    let mut src = CountingReader {
+        inner: src,
+        count: 0,
+    };
     let header = read_header(&mut src, ctx.name)?;
     let header_bytes = header.to_bytes();
-    let dek = keyring.get(&header.key_id).ok_or_else(|| CryptError::UnknownKey {
-        object: ctx.name.to_string(),
-        key_id: hex::encode(header.key_id),
-    })?;
+    let dek = keyring
+        .get(&header.key_id)
+        .ok_or_else(|| CryptError::UnknownKey {
+            object: ctx.name.to_string(),
+            key_id: hex::encode(header.key_id),
+        })?;
     let key = object_key(dek, &header_bytes, ctx)?;
     let chunk_size = header.chunk_size();
     let opener = ChunkOpener {
@@ -518,7 +535,9 @@ pub(crate) enum Tagged {
 struct SourceTag<R>(R);
 impl<R: Read> Read for SourceTag<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf).map_err(|e| io::Error::other(Tagged::Source(e)))
+        self.0
+            .read(buf)
+            .map_err(|e| io::Error::other(Tagged::Source(e)))
     }
 }
 
@@ -560,7 +579,9 @@ mod tests {
     use proptest::prelude::*;
 
     fn ring() -> Keyring {
-        Keyring::create(&MasterKey::from_bytes(&[9u8; 32]), "repo-1").unwrap().0
+        Keyring::create(&MasterKey::from_bytes(&[9u8; 32]), "repo-1")
+            .unwrap()
+            .0
     }
 
     fn ctx(name: &str) -> ObjectContext<'_> {
@@ -635,7 +656,10 @@ mod tests {
         let r = ring();
         let d = data(100_000, 3);
         let mut out = Vec::new();
-        let opts = EncodeOptions { sha256: true, ..Default::default() };
+        let opts = EncodeOptions {
+            sha256: true,
+            ..Default::default()
+        };
         let s = encode(&d[..], r.current(), &ctx("x"), &opts, |b| {
             out.extend_from_slice(&b);
             Ok(())
@@ -677,7 +701,9 @@ mod tests {
         }
         // Truncation exactly at a chunk boundary (the remaining chunks are all valid).
         let sealed = 4096 + TAG_LEN;
-        assert!(is_integrity(&dec(&r, &obj[..HEADER_LEN + 2 * sealed], "n").unwrap_err()));
+        assert!(is_integrity(
+            &dec(&r, &obj[..HEADER_LEN + 2 * sealed], "n").unwrap_err()
+        ));
     }
 
     #[test]
@@ -701,7 +727,8 @@ mod tests {
         let d = data(3 * 4096, 14);
         let obj = enc(&r, &d, small_chunks(false), "n");
         let sealed = 4096 + TAG_LEN;
-        let chunk = |o: &[u8], i: usize| o[HEADER_LEN + i * sealed..HEADER_LEN + (i + 1) * sealed].to_vec();
+        let chunk =
+            |o: &[u8], i: usize| o[HEADER_LEN + i * sealed..HEADER_LEN + (i + 1) * sealed].to_vec();
         // Swap chunks 0 and 1.
         let mut swapped = obj[..HEADER_LEN].to_vec();
         swapped.extend(chunk(&obj, 1));
@@ -728,14 +755,21 @@ mod tests {
         let obj = enc(&r, b"hello", small_chunks(true), "wal/00000001/A");
         assert!(is_integrity(&dec(&r, &obj, "wal/00000001/B").unwrap_err()));
         let mut out = Vec::new();
-        let other_repo = ObjectContext { repository_id: "repo-2", name: "wal/00000001/A" };
-        assert!(is_integrity(&decode(&obj[..], &r, &other_repo, false, &mut out).unwrap_err()));
+        let other_repo = ObjectContext {
+            repository_id: "repo-2",
+            name: "wal/00000001/A",
+        };
+        assert!(is_integrity(
+            &decode(&obj[..], &r, &other_repo, false, &mut out).unwrap_err()
+        ));
     }
 
     #[test]
     fn unknown_data_key_is_named() {
         let r = ring();
-        let other = Keyring::create(&MasterKey::from_bytes(&[9u8; 32]), "repo-1").unwrap().0;
+        let other = Keyring::create(&MasterKey::from_bytes(&[9u8; 32]), "repo-1")
+            .unwrap()
+            .0;
         let obj = enc(&other, b"x", small_chunks(true), "n");
         match dec(&r, &obj, "n").unwrap_err() {
             PipelineError::Crypt(CryptError::UnknownKey { key_id, .. }) => {
@@ -751,10 +785,20 @@ mod tests {
         let obj = enc(&r, b"abc", small_chunks(true), "n");
         let mut bad_magic = obj.clone();
         bad_magic[0] = b'X';
-        assert!(dec(&r, &bad_magic, "n").unwrap_err().to_string().contains("magic"));
+        assert!(
+            dec(&r, &bad_magic, "n")
+                .unwrap_err()
+                .to_string()
+                .contains("magic")
+        );
         let mut bad_version = obj.clone();
         bad_version[8] = 2;
-        assert!(dec(&r, &bad_version, "n").unwrap_err().to_string().contains("version 2"));
+        assert!(
+            dec(&r, &bad_version, "n")
+                .unwrap_err()
+                .to_string()
+                .contains("version 2")
+        );
         let mut huge_chunks = obj.clone();
         huge_chunks[10] = 40;
         assert!(dec(&r, &huge_chunks, "n").is_err());
@@ -774,7 +818,10 @@ mod tests {
             salt: [0x44; 32],
         };
         let hb = header.to_bytes();
-        let c = ObjectContext { repository_id: "test-repo", name: "vector" };
+        let c = ObjectContext {
+            repository_id: "test-repo",
+            name: "vector",
+        };
         let key = object_key(ring.current(), &hb, &c).unwrap();
         let mut payload = b"tidemark\n".to_vec();
         let tag = key
@@ -783,7 +830,11 @@ mod tests {
         let mut obj = hb.to_vec();
         obj.extend_from_slice(&payload);
         obj.extend_from_slice(tag.as_ref());
-        assert_eq!(hex::encode(&obj), VECTOR_HEX, "format changed: update docs/format.md");
+        assert_eq!(
+            hex::encode(&obj),
+            VECTOR_HEX,
+            "format changed: update docs/format.md"
+        );
         let mut out = Vec::new();
         decode(&obj[..], &ring, &c, false, &mut out).unwrap();
         assert_eq!(out, b"tidemark\n");

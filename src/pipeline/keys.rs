@@ -15,7 +15,7 @@ use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
-use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use aws_lc_rs::hkdf;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -297,7 +297,10 @@ impl Keyring {
             keys.push(master.unwrap(repository_id, &id, &entry.wrapped)?);
         }
         let current = current.ok_or_else(|| {
-            CryptError::Keyring(format!("current data key {} is not in the keyring", file.current))
+            CryptError::Keyring(format!(
+                "current data key {} is not in the keyring",
+                file.current
+            ))
         })?;
         Ok(Keyring { keys, current })
     }
@@ -409,17 +412,27 @@ mod tests {
         assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
         assert_eq!(std::fs::read(&p).unwrap().len(), 32);
         assert_eq!(MasterKey::load(&p).unwrap().id(), m.id());
-        assert!(generate_master_key_file(&p).is_err(), "must refuse to overwrite");
+        assert!(
+            generate_master_key_file(&p).is_err(),
+            "must refuse to overwrite"
+        );
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = MasterKey::load(&p).unwrap_err().to_string();
         assert!(e.contains("0644"), "{e}");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&p, [0u8; 31]).unwrap();
-        assert!(MasterKey::load(&p).unwrap_err().to_string().contains("31 bytes"));
-        assert!(MasterKey::load(&dir.path().join("missing"))
-            .unwrap_err()
-            .to_string()
-            .contains("no such file"));
+        assert!(
+            MasterKey::load(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("31 bytes")
+        );
+        assert!(
+            MasterKey::load(&dir.path().join("missing"))
+                .unwrap_err()
+                .to_string()
+                .contains("no such file")
+        );
     }
 }

@@ -8,7 +8,7 @@ pub mod keys;
 use std::io;
 use std::path::PathBuf;
 
-pub use crypt::{decode, encode, EncodeOptions, EncodeStats, ObjectContext};
+pub use crypt::{EncodeOptions, EncodeStats, ObjectContext, decode, encode};
 pub use keys::{Keyring, MasterKey};
 
 /// Errors of keys and the object format.
@@ -87,7 +87,10 @@ fn take_inner<T: std::error::Error + Send + Sync + 'static>(e: io::Error) -> Res
     }
     let kind = e.kind();
     match e.into_inner() {
-        Some(inner) => inner.downcast::<T>().map(|t| *t).map_err(|b| io::Error::new(kind, b)),
+        Some(inner) => inner
+            .downcast::<T>()
+            .map(|t| *t)
+            .map_err(|b| io::Error::new(kind, b)),
         None => Err(io::Error::from(kind)),
     }
 }

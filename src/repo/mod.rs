@@ -43,15 +43,20 @@ pub struct ClusterInfo {
 
 impl ClusterInfo {
     pub fn system_identifier(&self) -> Result<u64, RepoError> {
-        self.system_identifier
-            .parse()
-            .map_err(|_| RepoError::Corrupt(format!("cluster.json: bad system_identifier {:?}", self.system_identifier)))
+        self.system_identifier.parse().map_err(|_| {
+            RepoError::Corrupt(format!(
+                "cluster.json: bad system_identifier {:?}",
+                self.system_identifier
+            ))
+        })
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
-    #[error("cluster {cluster} has no repository in {store}: run `tidemark --cluster {cluster} init` first")]
+    #[error(
+        "cluster {cluster} has no repository in {store}: run `tidemark --cluster {cluster} init` first"
+    )]
     NotInitialised { cluster: String, store: String },
     #[error("{0}")]
     Corrupt(String),
@@ -96,13 +101,17 @@ impl Repository {
     }
 
     pub async fn read_info(&self) -> Result<ClusterInfo, RepoError> {
-        let bytes = match self.store.get_bytes(&self.key("cluster.json"), MAX_META_BYTES).await {
+        let bytes = match self
+            .store
+            .get_bytes(&self.key("cluster.json"), MAX_META_BYTES)
+            .await
+        {
             Ok(b) => b,
             Err(StoreError::NotFound { .. }) => {
                 return Err(RepoError::NotInitialised {
                     cluster: self.cluster.clone(),
                     store: self.store.describe(),
-                })
+                });
             }
             Err(e) => return Err(e.into()),
         };
@@ -132,7 +141,8 @@ impl Repository {
     }
 
     pub async fn write_info(&self, info: &ClusterInfo) -> Result<(), RepoError> {
-        let json = serde_json::to_vec_pretty(info).map_err(|e| RepoError::Corrupt(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(info).map_err(|e| RepoError::Corrupt(e.to_string()))?;
         self.store
             .put_bytes(&self.key("cluster.json"), Bytes::from(json))
             .await?;
@@ -146,7 +156,7 @@ impl Repository {
             Err(StoreError::NotFound { .. }) => {
                 return Err(RepoError::Corrupt(format!(
                     "{key} is missing: the repository's data keys are gone"
-                )))
+                )));
             }
             Err(e) => return Err(e.into()),
         };
@@ -154,7 +164,8 @@ impl Repository {
     }
 
     pub async fn write_keyring(&self, file: &KeyringFile) -> Result<(), RepoError> {
-        let json = serde_json::to_vec_pretty(file).map_err(|e| RepoError::Corrupt(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(file).map_err(|e| RepoError::Corrupt(e.to_string()))?;
         self.store
             .put_bytes(&self.key("keys/keyring.json"), Bytes::from(json))
             .await?;
@@ -173,9 +184,9 @@ impl Repository {
         let mut strays = Vec::new();
         for meta in self.store.list(&prefix).await? {
             let rel = &meta.key[prefix.len()..];
-            let parsed = rel
-                .split_once('/')
-                .and_then(|(tli, name)| WalFileName::parse(name).filter(|f| format!("{:08X}", f.timeline) == tli));
+            let parsed = rel.split_once('/').and_then(|(tli, name)| {
+                WalFileName::parse(name).filter(|f| format!("{:08X}", f.timeline) == tli)
+            });
             match parsed {
                 Some(f) => files.push(f),
                 None => strays.push(meta.key),

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::pg::wal::{segment_name, WalFileKind, WalFileName};
+use crate::pg::wal::{WalFileKind, WalFileName, segment_name};
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct WalGap {
@@ -65,7 +65,9 @@ pub fn summarise(files: &[WalFileName], strays: Vec<String>, segment_size: u64) 
     for (tli, mut nos) in segnos {
         nos.sort_unstable();
         nos.dedup();
-        let Some(t) = by_tli.get_mut(&tli) else { continue };
+        let Some(t) = by_tli.get_mut(&tli) else {
+            continue;
+        };
         t.segments = nos.len() as u64;
         t.first = nos.first().map(|&n| segment_name(tli, n, segment_size));
         t.last = nos.last().map(|&n| segment_name(tli, n, segment_size));
@@ -102,7 +104,10 @@ mod tests {
             "000000020000000000000005",
             "000000010000000000000006.partial",
         ];
-        let files: Vec<_> = names.iter().map(|n| WalFileName::parse(n).unwrap()).collect();
+        let files: Vec<_> = names
+            .iter()
+            .map(|n| WalFileName::parse(n).unwrap())
+            .collect();
         let s = summarise(&files, vec![], 16 << 20);
         assert_eq!(s.timelines.len(), 2);
         let t1 = &s.timelines[0];
@@ -112,8 +117,16 @@ mod tests {
         assert_eq!(
             t1.gaps,
             vec![
-                WalGap { from: "000000010000000000000003".into(), to: "000000010000000000000004".into(), missing: 2 },
-                WalGap { from: "000000010000000000000006".into(), to: "0000000100000001000000FE".into(), missing: 256 + 0xFE - 6 + 1 },
+                WalGap {
+                    from: "000000010000000000000003".into(),
+                    to: "000000010000000000000004".into(),
+                    missing: 2
+                },
+                WalGap {
+                    from: "000000010000000000000006".into(),
+                    to: "0000000100000001000000FE".into(),
+                    missing: 256 + 0xFE - 6 + 1
+                },
             ]
         );
         assert_eq!(t1.partial, ["000000010000000000000006.partial"]);

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
-use super::{validate_key, ObjectMeta, ObjectReader, ObjectWriter, Store, StoreError};
+use super::{ObjectMeta, ObjectReader, ObjectWriter, Store, StoreError, validate_key};
 
 #[derive(Debug, Clone)]
 pub struct LocalStore {
@@ -118,7 +118,10 @@ impl Store for LocalStore {
         let file = tokio::fs::File::open(&path)
             .await
             .map_err(|e| self.io_error("get", key, e))?;
-        Ok(Box::pin(tokio::io::BufReader::with_capacity(256 * 1024, file)))
+        Ok(Box::pin(tokio::io::BufReader::with_capacity(
+            256 * 1024,
+            file,
+        )))
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
@@ -258,7 +261,8 @@ impl ObjectWriter for LocalWriter {
         }
         self.committed = true;
         let dir = self.dir.clone();
-        let synced = tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all()).await;
+        let synced =
+            tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all()).await;
         match synced {
             Ok(Ok(())) => Ok(self.written),
             Ok(Err(e)) => Err(self.failed("fsync directory", e)),
@@ -290,15 +294,36 @@ mod tests {
     async fn put_get_list_delete() {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalStore::new(dir.path().to_path_buf());
-        s.put_bytes("a/b/c1", Bytes::from_static(b"one")).await.unwrap();
-        s.put_bytes("a/b/c2", Bytes::from_static(b"two!")).await.unwrap();
+        s.put_bytes("a/b/c1", Bytes::from_static(b"one"))
+            .await
+            .unwrap();
+        s.put_bytes("a/b/c2", Bytes::from_static(b"two!"))
+            .await
+            .unwrap();
         s.put_bytes("a/x", Bytes::from_static(b"")).await.unwrap();
         let mut buf = String::new();
-        s.get("a/b/c2").await.unwrap().read_to_string(&mut buf).await.unwrap();
+        s.get("a/b/c2")
+            .await
+            .unwrap()
+            .read_to_string(&mut buf)
+            .await
+            .unwrap();
         assert_eq!(buf, "two!");
-        let keys: Vec<_> = s.list("a/b/").await.unwrap().into_iter().map(|m| m.key).collect();
+        let keys: Vec<_> = s
+            .list("a/b/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
         assert_eq!(keys, ["a/b/c1", "a/b/c2"]);
-        let keys: Vec<_> = s.list("a/b/c").await.unwrap().into_iter().map(|m| m.key).collect();
+        let keys: Vec<_> = s
+            .list("a/b/c")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
         assert_eq!(keys, ["a/b/c1", "a/b/c2"]);
         assert_eq!(s.list("a/").await.unwrap().len(), 3);
         assert_eq!(s.list("zzz/").await.unwrap().len(), 0);
@@ -317,7 +342,10 @@ mod tests {
         let mut w = s.create("k/obj").await.unwrap();
         w.write(Bytes::from_static(b"partial")).await.unwrap();
         assert!(s.head("k/obj").await.unwrap().is_none());
-        assert!(s.list("k/").await.unwrap().is_empty(), "temp file must not be listed");
+        assert!(
+            s.list("k/").await.unwrap().is_empty(),
+            "temp file must not be listed"
+        );
         drop(w);
         let mut w = s.create("k/obj").await.unwrap();
         w.write(Bytes::from_static(b"partial")).await.unwrap();

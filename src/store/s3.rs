@@ -19,6 +19,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use aws_sdk_s3::Client;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
@@ -28,13 +29,14 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
-use aws_sdk_s3::Client;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::{Bytes, BytesMut};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::task::JoinHandle;
 
-use super::{validate_key, ObjectMeta, ObjectReader, ObjectWriter, Store, StoreError, StoreOptions};
+use super::{
+    ObjectMeta, ObjectReader, ObjectWriter, Store, StoreError, StoreOptions, validate_key,
+};
 
 /// Part size of multipart uploads; objects up to this size go up in one PUT.
 pub const PART_SIZE: usize = 16 << 20;
@@ -57,7 +59,10 @@ impl std::fmt::Debug for S3Settings {
             .field("region", &self.region)
             .field("force_path_style", &self.force_path_style)
             .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<redacted>"))
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -120,7 +125,7 @@ impl S3Store {
             _ => {
                 return Err(
                     "repository: set both access_key_id and secret_access_key, or neither".into(),
-                )
+                );
             }
         }
         if let Some(ep) = &settings.endpoint {
@@ -177,8 +182,12 @@ where
                 || status == 429
                 || matches!(
                     code,
-                    "SlowDown" | "Throttling" | "ThrottlingException" | "RequestTimeout"
-                        | "InternalError" | "ServiceUnavailable"
+                    "SlowDown"
+                        | "Throttling"
+                        | "ThrottlingException"
+                        | "RequestTimeout"
+                        | "InternalError"
+                        | "ServiceUnavailable"
                 )
             {
                 Class::Retry
@@ -209,7 +218,12 @@ impl Inner {
     }
 
     /// Runs one S3 request with retries until the deadline.
-    async fn call<T, E, F, Fut>(&self, op: &'static str, key: &str, mut f: F) -> Result<T, StoreError>
+    async fn call<T, E, F, Fut>(
+        &self,
+        op: &'static str,
+        key: &str,
+        mut f: F,
+    ) -> Result<T, StoreError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, SdkError<E, aws_sdk_s3::config::http::HttpResponse>>>,
@@ -233,7 +247,7 @@ impl Inner {
                         return Err(StoreError::NotFound {
                             store: self.describe.clone(),
                             key: key.to_string(),
-                        })
+                        });
                     }
                     Class::Fatal => {
                         return Err(StoreError::Failed {
@@ -241,7 +255,7 @@ impl Inner {
                             op,
                             key: key.to_string(),
                             detail: one_line(&DisplayErrorContext(&e).to_string()),
-                        })
+                        });
                     }
                     Class::Retry => one_line(&DisplayErrorContext(&e).to_string()),
                 },
@@ -357,13 +371,11 @@ impl Store for S3Store {
                 })
                 .await?;
             for obj in page.contents() {
-                if let Some(k) = obj.key() {
-                    if k.len() > strip {
-                        out.push(ObjectMeta {
-                            key: k[strip..].to_string(),
-                            size: obj.size().unwrap_or(0).max(0) as u64,
-                        });
-                    }
+                if let Some(k) = obj.key().filter(|k| k.len() > strip) {
+                    out.push(ObjectMeta {
+                        key: k[strip..].to_string(),
+                        size: obj.size().unwrap_or(0).max(0) as u64,
+                    });
                 }
             }
             match page.next_continuation_token() {

@@ -1,0 +1,593 @@
+//! The shared harness of the integration tests: real PostgreSQL clusters (initdb as a non-root
+//! user), a real Garage S3 server (started through scripts/garage-start), and the tidemark
+//! binary run the way an operator runs it.
+//!
+//! Environment:
+//! - `TIDEMARK_PG_BIN`: directory of initdb/pg_ctl/postgres/pgbench (default: Debian's
+//!   /usr/lib/postgresql/15/bin, else `pg_config --bindir`);
+//! - `TIDEMARK_TEST_PG_USER`: OS user that runs PostgreSQL and tidemark when the tests run as
+//!   root (default `postgres`);
+//! - `TIDEMARK_TEST_S3_ENDPOINT`, `_BUCKET`, `_REGION`, `_ACCESS_KEY_ID`, `_SECRET_ACCESS_KEY`:
+//!   run the S3 tests against that store (MinIO, AWS, ...) instead of a Garage the harness
+//!   starts. Tests that stop the store always start their own Garage.
+//! - `TIDEMARK_KEEP_TEST_DIRS=1`: keep test directories for inspection.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The OS user that runs PostgreSQL and tidemark (None: the current user).
+pub fn pg_user() -> Option<String> {
+    let out = Command::new("id").arg("-u").output().expect("run id -u");
+    let root = String::from_utf8_lossy(&out.stdout).trim() == "0";
+    root.then(|| std::env::var("TIDEMARK_TEST_PG_USER").unwrap_or_else(|_| "postgres".into()))
+}
+
+fn id_of(user: &str, flag: &str) -> u32 {
+    let out = Command::new("id")
+        .arg(flag)
+        .arg(user)
+        .output()
+        .expect("run id");
+    assert!(
+        out.status.success(),
+        "no OS user {user}: create it or set TIDEMARK_TEST_PG_USER"
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("numeric id")
+}
+
+/// Gives a path to the test user (no-op when not root).
+pub fn chown_to_user(path: &Path) {
+    if let Some(u) = pg_user() {
+        std::os::unix::fs::chown(path, Some(id_of(&u, "-u")), Some(id_of(&u, "-g")))
+            .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+    }
+}
+
+/// A command run as the test user.
+pub fn as_user(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match pg_user() {
+        Some(u) => {
+            let mut c = Command::new("runuser");
+            c.arg("-u").arg(u).arg("--").arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+pub fn pg_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TIDEMARK_PG_BIN") {
+        return PathBuf::from(p);
+    }
+    let debian = PathBuf::from("/usr/lib/postgresql/15/bin");
+    if debian.join("initdb").exists() {
+        return debian;
+    }
+    let out = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .expect("no PostgreSQL found: install it (scripts/install-deps) or set TIDEMARK_PG_BIN");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// A scratch directory under /tmp (short: socket paths are limited to 107 bytes), owned by the
+/// test user, removed on drop.
+pub struct TestDir {
+    pub path: PathBuf,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl TestDir {
+    pub fn new(tag: &str) -> TestDir {
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let path = PathBuf::from(format!("/tmp/tdm-{}-{n}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        chown_to_user(&path);
+        TestDir { path }
+    }
+
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.path.join(p)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::env::var_os("TIDEMARK_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// The tidemark binary, copied where the test user can run it (the build directory may sit
+/// under a home directory it cannot enter).
+pub fn tidemark_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let src = PathBuf::from(env!("CARGO_BIN_EXE_tidemark"));
+        let meta = std::fs::metadata(&src).unwrap();
+        let mtime = meta
+            .modified()
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = PathBuf::from(format!("/tmp/tidemark-test-bin/{}-{mtime}", meta.len()));
+        let dst = dir.join("tidemark");
+        if !dst.exists() {
+            std::fs::create_dir_all(&dir).unwrap();
+            let tmp = dir.join(format!("tidemark.{}", std::process::id()));
+            std::fs::copy(&src, &tmp).unwrap();
+            std::fs::rename(&tmp, &dst).unwrap();
+        }
+        use std::os::unix::fs::PermissionsExt;
+        for d in ["/tmp/tidemark-test-bin", dir.to_str().unwrap()] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        dst
+    })
+    .clone()
+}
+
+/// The result of one tidemark run.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    fn from(out: Output, elapsed: Duration) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            elapsed,
+        }
+    }
+
+    #[track_caller]
+    pub fn ok(self) -> Run {
+        assert_eq!(self.code, 0, "tidemark failed: {self:#?}");
+        self
+    }
+
+    #[track_caller]
+    pub fn fails_with(self, code: i32, needle: &str) -> Run {
+        assert_eq!(self.code, code, "wrong exit code: {self:#?}");
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}: {self:#?}"
+        );
+        assert!(!self.stderr.contains("panicked"), "panic: {self:#?}");
+        self
+    }
+}
+
+/// Runs tidemark as the test user with `args`, in `cwd`.
+pub fn tidemark(cwd: &Path, args: &[&str]) -> Run {
+    tidemark_env(cwd, args, &[])
+}
+
+pub fn tidemark_env(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut c = as_user(tidemark_bin());
+    c.args(args).current_dir(cwd).stdin(Stdio::null());
+    c.env_remove("TIDEMARK_CONFIG")
+        .env_remove("TIDEMARK_CLUSTER")
+        .env_remove("TIDEMARK_LOG");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let t = Instant::now();
+    let out = c.output().expect("run tidemark");
+    Run::from(out, t.elapsed())
+}
+
+/// Where a test repository lives.
+#[derive(Debug, Clone)]
+pub enum StoreKind {
+    Local,
+    S3(S3Target),
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Target {
+    pub endpoint: String,
+    pub bucket: String,
+    pub region: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// Unique per test, so tests sharing a bucket never see each other's objects.
+    pub prefix: String,
+}
+
+/// A Garage server started by the harness (stopped on drop).
+pub struct Garage {
+    pub dir: TestDir,
+    pub target: S3Target,
+}
+
+impl Garage {
+    pub fn start(tag: &str) -> Garage {
+        let dir = TestDir::new(tag);
+        let script = repo_root().join("scripts/garage-start");
+        let out = Command::new(&script)
+            .arg(&dir.path)
+            .output()
+            .expect("run scripts/garage-start");
+        assert!(
+            out.status.success(),
+            "scripts/garage-start failed (is garage installed? scripts/install-garage): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let env = std::fs::read_to_string(dir.join("env")).expect("garage env file");
+        let get = |k: &str| {
+            env.lines()
+                .filter_map(|l| l.strip_prefix("export "))
+                .filter_map(|l| l.split_once('='))
+                .find(|(key, _)| *key == k)
+                .map(|(_, v)| v.trim_matches(|c| c == '"' || c == '\'').to_string())
+                .unwrap_or_else(|| panic!("{k} missing from garage env"))
+        };
+        let target = S3Target {
+            endpoint: get("TIDEMARK_TEST_S3_ENDPOINT"),
+            bucket: get("TIDEMARK_TEST_S3_BUCKET"),
+            region: get("TIDEMARK_TEST_S3_REGION"),
+            access_key_id: get("TIDEMARK_TEST_S3_ACCESS_KEY_ID"),
+            secret_access_key: get("TIDEMARK_TEST_S3_SECRET_ACCESS_KEY"),
+            prefix: format!("t{}", std::process::id()),
+        };
+        Garage { dir, target }
+    }
+
+    pub fn stop(&self) {
+        let out = Command::new(repo_root().join("scripts/garage-stop"))
+            .arg(&self.dir.path)
+            .output()
+            .expect("run scripts/garage-stop");
+        assert!(out.status.success(), "garage-stop: {out:?}");
+    }
+
+    pub fn restart(&self) {
+        let out = Command::new(repo_root().join("scripts/garage-start"))
+            .arg(&self.dir.path)
+            .output()
+            .expect("run scripts/garage-start");
+        assert!(out.status.success(), "garage restart: {out:?}");
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_root().join("scripts/garage-stop"))
+            .arg(&self.dir.path)
+            .output();
+    }
+}
+
+/// The S3 store for a test: the external one named by the environment, or a Garage the harness
+/// starts (returned so it lives as long as the test).
+pub fn s3_store(tag: &str) -> (StoreKind, Option<Garage>) {
+    if let Ok(endpoint) = std::env::var("TIDEMARK_TEST_S3_ENDPOINT") {
+        let var = |k: &str| {
+            std::env::var(k)
+                .unwrap_or_else(|_| panic!("{k} must be set with TIDEMARK_TEST_S3_ENDPOINT"))
+        };
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        return (
+            StoreKind::S3(S3Target {
+                endpoint,
+                bucket: var("TIDEMARK_TEST_S3_BUCKET"),
+                region: std::env::var("TIDEMARK_TEST_S3_REGION")
+                    .unwrap_or_else(|_| "us-east-1".into()),
+                access_key_id: var("TIDEMARK_TEST_S3_ACCESS_KEY_ID"),
+                secret_access_key: var("TIDEMARK_TEST_S3_SECRET_ACCESS_KEY"),
+                prefix: format!("tidemark-test/{}-{n}-{tag}", std::process::id()),
+            }),
+            None,
+        );
+    }
+    let g = Garage::start(tag);
+    (StoreKind::S3(g.target.clone()), Some(g))
+}
+
+pub fn config_path(dir: &TestDir, cluster: &str) -> PathBuf {
+    dir.join(&format!("{cluster}.toml"))
+}
+
+/// Writes a config file for one cluster and returns its path.
+pub fn write_config(
+    dir: &TestDir,
+    store: &StoreKind,
+    cluster: &str,
+    pg: Option<&PgCluster>,
+    extra_repo: &str,
+) -> PathBuf {
+    let repo = match store {
+        StoreKind::Local => format!("url = \"file://{}\"\n", dir.join("repo").display()),
+        StoreKind::S3(t) => format!(
+            "url = \"s3://{}/{}\"\nendpoint = \"{}\"\nregion = \"{}\"\nforce_path_style = true\n\
+             access_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+            t.bucket, t.prefix, t.endpoint, t.region, t.access_key_id, t.secret_access_key
+        ),
+    };
+    let key = dir.join(&format!("{cluster}.key"));
+    let mut text = format!(
+        "[repository]\n{repo}{extra_repo}\n[clusters.{cluster}]\nkey_file = \"{}\"\n",
+        key.display()
+    );
+    if let Some(pg) = pg {
+        text.push_str(&format!(
+            "pgdata = \"{}\"\nconnection = \"{}\"\n",
+            pg.data.display(),
+            pg.conninfo()
+        ));
+    }
+    let path = config_path(dir, cluster);
+    std::fs::write(&path, text).unwrap();
+    chown_to_user(&path);
+    path
+}
+
+/// A PostgreSQL cluster of the test, stopped (immediate) on drop.
+pub struct PgCluster {
+    pub data: PathBuf,
+    pub socket_dir: PathBuf,
+    pub port: u16,
+    pub bin: PathBuf,
+    pub log: PathBuf,
+}
+
+#[derive(Default)]
+pub struct PgOptions<'a> {
+    /// archive_command; None leaves archiving off.
+    pub archive_command: Option<String>,
+    pub wal_segsize_mb: Option<u32>,
+    pub extra_conf: &'a str,
+}
+
+static PORT: AtomicU32 = AtomicU32::new(0);
+
+impl PgCluster {
+    /// initdb + start. The server listens only on a socket in `dir`.
+    pub fn start(dir: &TestDir, name: &str, opts: PgOptions<'_>) -> PgCluster {
+        let pg = PgCluster::init(dir, name, opts);
+        pg.pg_ctl_start();
+        pg
+    }
+
+    /// initdb and configuration, not started yet.
+    pub fn init(dir: &TestDir, name: &str, opts: PgOptions<'_>) -> PgCluster {
+        let bin = pg_bin();
+        let data = dir.join(name);
+        let mut initdb = as_user(bin.join("initdb"));
+        initdb
+            .args([
+                "--no-locale",
+                "-E",
+                "UTF8",
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-D",
+            ])
+            .arg(&data);
+        if let Some(mb) = opts.wal_segsize_mb {
+            initdb.arg(format!("--wal-segsize={mb}"));
+        }
+        let out = initdb.output().expect("run initdb");
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Ports only name the socket file here (no TCP), so uniqueness per process suffices.
+        let port = 20000
+            + (std::process::id() % 20000) as u16
+            + PORT.fetch_add(1, Ordering::SeqCst) as u16;
+        let mut conf = format!(
+            "port = {port}\nunix_socket_directories = '{}'\nlisten_addresses = ''\n\
+             wal_keep_size = '4GB'\nmax_wal_size = '4GB'\nfsync = on\nlog_min_messages = info\n",
+            dir.path.display()
+        );
+        if let Some(cmd) = &opts.archive_command {
+            conf.push_str(&format!(
+                "archive_mode = on\narchive_command = '{}'\n",
+                cmd.replace('\'', "''")
+            ));
+        }
+        conf.push_str(opts.extra_conf);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(&mut f, conf.as_bytes()).unwrap();
+        PgCluster {
+            log: dir.join(&format!("{name}.log")),
+            socket_dir: dir.path.clone(),
+            data,
+            port,
+            bin,
+        }
+    }
+
+    pub fn pg_ctl_start(&self) {
+        let out = as_user(self.bin.join("pg_ctl"))
+            .args(["-w", "-t", "60", "-D"])
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log)
+            .arg("start")
+            .output()
+            .expect("pg_ctl start");
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    pub fn stop(&self) {
+        let _ = as_user(self.bin.join("pg_ctl"))
+            .args(["-w", "-D"])
+            .arg(&self.data)
+            .args(["-m", "fast", "stop"])
+            .output();
+    }
+
+    pub fn conninfo(&self) -> String {
+        format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.socket_dir.display(),
+            self.port
+        )
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.conninfo(), tokio_postgres::NoTls)
+            .await
+            .expect("connect to test cluster");
+        tokio::spawn(conn);
+        client
+    }
+
+    /// Runs pgbench as the test user (args after the connection options).
+    pub fn pgbench(&self, args: &[&str]) {
+        let out = as_user(self.bin.join("pgbench"))
+            .arg("-h")
+            .arg(&self.socket_dir)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-U")
+            .arg("postgres")
+            .args(args)
+            .arg("postgres")
+            .output()
+            .expect("run pgbench");
+        assert!(
+            out.status.success(),
+            "pgbench: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Switches WAL and returns the name of the segment that was just completed.
+    pub async fn switch_wal(&self) -> String {
+        let c = self.client().await;
+        // Make sure the current segment is not empty, or pg_switch_wal does nothing.
+        c.batch_execute(
+            "create table if not exists _switch(x int); insert into _switch values (1)",
+        )
+        .await
+        .unwrap();
+        let row = c
+            .query_one("select pg_walfile_name(pg_switch_wal())", &[])
+            .await
+            .unwrap();
+        row.get(0)
+    }
+
+    /// Waits until PostgreSQL reports `segment` (or a later one) as archived.
+    pub async fn wait_archived(&self, segment: &str, timeout: Duration) {
+        let c = self.client().await;
+        let t = Instant::now();
+        loop {
+            let row = c
+                .query_one("select coalesce(last_archived_wal, ''), failed_count, coalesce(last_failed_wal, '') from pg_stat_archiver", &[])
+                .await
+                .unwrap();
+            let last: String = row.get(0);
+            if last.len() >= 24 && last[..24] >= *segment && !last.ends_with(".history") {
+                return;
+            }
+            if t.elapsed() > timeout {
+                let failed: i64 = row.get(1);
+                panic!(
+                    "{segment} not archived after {timeout:?} (last archived {last:?}, {failed} failures); log:\n{}",
+                    tail(&self.log, 30)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn archiver_failures(&self) -> i64 {
+        let c = self.client().await;
+        c.query_one("select failed_count from pg_stat_archiver", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Segments PostgreSQL has marked archived (`.done`), sorted.
+    pub fn done_segments(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.data.join("pg_wal/archive_status"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".done"))
+                    .map(str::to_string)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub async fn system_identifier(&self) -> u64 {
+        let c = self.client().await;
+        let s: String = c
+            .query_one(
+                "select system_identifier::text from pg_control_system()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        s.parse().unwrap()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = as_user(self.bin.join("pg_ctl"))
+            .args(["-w", "-D"])
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+pub fn tail(path: &Path, n: usize) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The archive_command for a config.
+pub fn archive_command(config: &Path, cluster: &str) -> String {
+    format!(
+        "{} --config {} --cluster {cluster} wal-push %p",
+        tidemark_bin().display(),
+        config.display()
+    )
+}
