@@ -257,6 +257,12 @@ key_file = "/k"
     }
 
     #[test]
+    fn example_config_is_valid() {
+        let c = Config::parse(include_str!("../config.example.toml")).unwrap();
+        assert_eq!(c.cluster(None).unwrap().0, "acme");
+    }
+
+    #[test]
     fn secrets_do_not_debug_print() {
         let c = Config::parse(
             &OK.replace(
