@@ -1,6 +1,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tidemark::cluster::ClusterHandle;
@@ -22,6 +23,9 @@ Exit codes:
    8  PostgreSQL unreachable or failing
    9  invalid input (not a WAL file, missing input file)
   10  local I/O error
+  11  busy (another backup of this cluster is running)
+  12  WAL missing (a backup's WAL was not archived in time)
+  13  recovery refused or failed (target outside the restorable window, server did not reach it)
   70  internal error (a bug)
 
 Environment: TIDEMARK_CONFIG, TIDEMARK_CLUSTER, TIDEMARK_LOG (a tracing filter, e.g. debug).";
@@ -50,6 +54,8 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Master key management
@@ -99,6 +105,128 @@ failure is one error line and its own exit code."
         #[arg(long)]
         json: bool,
     },
+    /// Take a full base backup of the running cluster
+    #[command(
+        long_about = "Take a full base backup of the running cluster (non-exclusive \
+pg_backup_start/pg_backup_stop on one session). Every file of the data directory and its \
+tablespaces is streamed through zstd and AES-256-GCM into the repository, several at a time. \
+The backup is complete only once the WAL from its start to its stop is archived and its \
+manifest is written, last; a backup that dies half-way is never listed, and its leftovers \
+are removed by the next backup. One backup per cluster at a time (an advisory lock in the \
+cluster; a second one exits 11)."
+    )]
+    Backup {
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+        /// Concurrent file transfers [default: twice the cores, 2..8]
+        #[arg(long, value_name = "N")]
+        parallel: Option<usize>,
+        /// How long to wait for the backup's WAL to be archived
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+        wal_timeout: Duration,
+        /// Backup label (default: "tidemark <id>")
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List complete backups and the restorable window per timeline
+    List {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup into a directory and recover to a point in time
+    #[command(
+        long_about = "Restore a backup into --pgdata (new or empty) and configure PostgreSQL to \
+replay archived WAL to the target: at most one of --target-time, --target-lsn, --target-xid, \
+--target-name, --immediate; none replays all archived WAL. The backup is the newest one that \
+ends before the target, unless --backup names one. A target outside the restorable window \
+(see `tidemark list`) is refused. Every file is verified against the backup's manifest. \
+With --start, PostgreSQL is started on the restored directory and tidemark waits until \
+recovery reached the target and the server accepts connections, then reports the time \
+restored to and how long it took.\n\n\
+Example: tidemark --cluster acme restore --pgdata /srv/restore --target-time '2026-11-27 09:41:07+00' --start --port 5433"
+    )]
+    Restore {
+        /// Directory to restore into (must be new or empty)
+        #[arg(long, value_name = "DIR")]
+        pgdata: PathBuf,
+        /// Recover to this time (with a zone: '2026-11-27 09:41:07+00')
+        #[arg(long, value_name = "TIME", group = "target")]
+        target_time: Option<String>,
+        /// Recover to this WAL location (e.g. 0/3000060)
+        #[arg(long, value_name = "LSN", group = "target")]
+        target_lsn: Option<String>,
+        /// Recover to the commit of this transaction id
+        #[arg(long, value_name = "XID", group = "target")]
+        target_xid: Option<String>,
+        /// Recover to this restore point (pg_create_restore_point)
+        #[arg(long, value_name = "NAME", group = "target")]
+        target_name: Option<String>,
+        /// Recover only to the end of the backup (the earliest consistent point)
+        #[arg(long, group = "target")]
+        immediate: bool,
+        /// Timeline to recover along: latest, current (the backup's) or a number
+        #[arg(long, value_name = "TLI")]
+        target_timeline: Option<String>,
+        /// Stop just before the target instead of just after it
+        #[arg(long)]
+        target_exclusive: bool,
+        /// Restore this backup instead of choosing one
+        #[arg(long, value_name = "ID")]
+        backup: Option<String>,
+        /// Restore a tablespace elsewhere (repeatable)
+        #[arg(long, value_name = "OLD=NEW")]
+        tablespace_map: Vec<String>,
+        /// Replace the contents of a non-empty --pgdata (never a running cluster's)
+        #[arg(long)]
+        force: bool,
+        /// Concurrent downloads [default: twice the cores, 2..8]
+        #[arg(long, value_name = "N")]
+        parallel: Option<usize>,
+        /// Archiving in the restored cluster: preserve (archive its new timeline into the
+        /// repository) or off
+        #[arg(long, value_enum, default_value_t = ArchiveModeArg::Preserve)]
+        archive_mode: ArchiveModeArg,
+        /// OS user to own the restored files [default: postgres when run as root]
+        #[arg(long, value_name = "USER")]
+        owner: Option<String>,
+        /// Start PostgreSQL on the restored directory and wait until it reached the target
+        #[arg(long)]
+        start: bool,
+        /// Port for --start [default: the restored postgresql.conf's]
+        #[arg(long)]
+        port: Option<u16>,
+        /// Unix socket directory for --start (also disables TCP listening)
+        #[arg(long, value_name = "DIR")]
+        socket_dir: Option<PathBuf>,
+        /// Directory of pg_ctl for --start [default: found for the backup's version]
+        #[arg(long, value_name = "DIR")]
+        pg_bin: Option<PathBuf>,
+        /// How long --start waits for recovery
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+        start_timeout: Duration,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ArchiveModeArg {
+    Preserve,
+    Off,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn default_parallelism() -> usize {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    (cores * 2).clamp(2, 8)
 }
 
 #[derive(Subcommand, Debug)]
@@ -223,6 +351,170 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 .await
                 .map(|_| ())
         }
+        Command::Backup {
+            json,
+            parallel,
+            wal_timeout,
+            label,
+        } => {
+            let cluster = open_cluster(&cli).await?;
+            let opts = tidemark::backup::BackupOptions {
+                parallelism: parallel.unwrap_or_else(default_parallelism),
+                wal_timeout: *wal_timeout,
+                label: label.clone(),
+            };
+            let out = tidemark::backup::backup(&cluster, &opts).await?;
+            if *json {
+                return print_json(&out);
+            }
+            println_out(&format!(
+                "backup {} of cluster {} complete: {} files, {} -> {} stored, {:.1} s; \
+                 timeline {}, LSN {} .. {}; restorable from {}",
+                out.id,
+                cluster.name,
+                out.files,
+                human_bytes(out.original_bytes),
+                human_bytes(out.stored_bytes),
+                out.duration_ms as f64 / 1000.0,
+                out.timeline,
+                out.start_lsn,
+                out.stop_lsn,
+                out.stop_time.format("%Y-%m-%d %H:%M:%S%.3f+00")
+            ))
+        }
+        Command::List { json } => {
+            let cluster = open_cluster(&cli).await?;
+            let listing = tidemark::list::list(&cluster).await?;
+            if *json {
+                return print_json(&listing);
+            }
+            println_out(&render_list(&listing))
+        }
+        Command::Restore {
+            pgdata,
+            target_time,
+            target_lsn,
+            target_xid,
+            target_name,
+            immediate,
+            target_timeline,
+            target_exclusive,
+            backup,
+            tablespace_map,
+            force,
+            parallel,
+            archive_mode,
+            owner,
+            start,
+            port,
+            socket_dir,
+            pg_bin,
+            start_timeout,
+            json,
+        } => {
+            use tidemark::restore::{self, RecoveryTarget, TargetTimeline};
+            let target = if let Some(t) = target_time {
+                RecoveryTarget::Time(restore::parse_target_time(t).map_err(Error::Usage)?)
+            } else if let Some(l) = target_lsn {
+                RecoveryTarget::Lsn(l.parse().map_err(Error::Usage)?)
+            } else if let Some(x) = target_xid {
+                if x.is_empty() || !x.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(Error::Usage(format!(
+                        "--target-xid {x:?}: expected a transaction id (digits)"
+                    )));
+                }
+                RecoveryTarget::Xid(x.clone())
+            } else if let Some(n) = target_name {
+                RecoveryTarget::Name(n.clone())
+            } else if *immediate {
+                RecoveryTarget::Immediate
+            } else {
+                RecoveryTarget::Latest
+            };
+            let target_timeline = match target_timeline.as_deref() {
+                None => None,
+                Some("latest") => Some(TargetTimeline::Latest),
+                Some("current") => Some(TargetTimeline::Current),
+                Some(n) => Some(TargetTimeline::Id(n.parse().map_err(|_| {
+                    Error::Usage(format!(
+                        "--target-timeline {n:?}: expected latest, current or a number"
+                    ))
+                })?)),
+            };
+            let mut map = Vec::new();
+            for m in tablespace_map {
+                let (old, new) = m.split_once('=').ok_or_else(|| {
+                    Error::Usage(format!("--tablespace-map {m:?}: expected OLD=NEW"))
+                })?;
+                map.push((old.to_string(), new.to_string()));
+            }
+            let config_path = cli
+                .config
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+            let cluster = open_cluster(&cli).await?;
+            let opts = restore::RestoreOptions {
+                pgdata: std::path::absolute(pgdata).unwrap_or(pgdata.clone()),
+                target,
+                target_timeline,
+                exclusive: *target_exclusive,
+                backup: backup.clone(),
+                tablespace_map: map,
+                force: *force,
+                parallelism: parallel.unwrap_or_else(default_parallelism),
+                archive_mode: match archive_mode {
+                    ArchiveModeArg::Preserve => restore::ArchiveMode::Preserve,
+                    ArchiveModeArg::Off => restore::ArchiveMode::Off,
+                },
+                owner: owner.clone(),
+                config_path,
+                start: start.then(|| restore::StartOptions {
+                    pg_bin: pg_bin.clone(),
+                    port: *port,
+                    socket_dir: socket_dir.clone(),
+                    timeout: *start_timeout,
+                }),
+            };
+            let out = restore::restore(&cluster, &opts).await?;
+            if *json {
+                return print_json(&out);
+            }
+            let mut text = format!(
+                "restored backup {} into {} ({} files, {}, {:.1} s) for recovery to {} on timeline {}",
+                out.backup,
+                out.pgdata,
+                out.files,
+                human_bytes(out.bytes),
+                out.download_ms as f64 / 1000.0,
+                out.target,
+                out.timeline
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "?".into())
+            );
+            for w in &out.warnings {
+                text.push_str(&format!("\nwarning: {w}"));
+            }
+            match &out.started {
+                Some(s) => text.push_str(&format!(
+                    "\nserver started (port {}, socket {}): recovered to {} (LSN {}, timeline {}); \
+                     recovery {:.1} s, total {:.1} s",
+                    s.port,
+                    s.socket_dir,
+                    s.restored_to_time
+                        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
+                        .unwrap_or_else(|| "(no transaction replayed)".into()),
+                    s.restored_to_lsn.as_deref().unwrap_or("?"),
+                    s.timeline.map(|t| t.to_string()).unwrap_or_else(|| "?".into()),
+                    s.recovery_ms as f64 / 1000.0,
+                    s.total_ms as f64 / 1000.0
+                )),
+                None => text.push_str(&format!(
+                    "\nstart it with: pg_ctl -D {} start (recovery.signal and the recovery settings are in place)",
+                    out.pgdata
+                )),
+            }
+            println_out(&text)
+        }
         Command::WalList { json } => {
             let cluster = open_cluster(&cli).await?;
             let summary = tidemark::wal::wal_list(&cluster).await?;
@@ -232,6 +524,84 @@ async fn run(cli: Cli) -> Result<(), Error> {
             println_out(&render_wal_list(&cluster.name, &summary))
         }
     }
+}
+
+fn human_bytes(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+fn render_list(l: &tidemark::list::Listing) -> String {
+    let ts = |t: &chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S+00").to_string();
+    let mut out = format!(
+        "cluster {}: {} complete backup(s)\n",
+        l.cluster,
+        l.backups.len()
+    );
+    if !l.backups.is_empty() {
+        out.push_str(&format!(
+            "{:<20} {:>3} {:<22} {:<22} {:<12} {:<12} {:>10} {:>10} {:>8} {:>6}\n",
+            "ID",
+            "TLI",
+            "START",
+            "STOP",
+            "START LSN",
+            "STOP LSN",
+            "ORIGINAL",
+            "STORED",
+            "SECONDS",
+            "PG"
+        ));
+    }
+    for b in &l.backups {
+        out.push_str(&format!(
+            "{:<20} {:>3} {:<22} {:<22} {:<12} {:<12} {:>10} {:>10} {:>8.1} {:>6}{}\n",
+            b.id,
+            b.timeline,
+            ts(&b.start_time),
+            ts(&b.stop_time),
+            b.start_lsn,
+            b.stop_lsn,
+            human_bytes(b.original_bytes),
+            human_bytes(b.stored_bytes),
+            b.duration_ms as f64 / 1000.0,
+            b.pg_version_num / 10000,
+            if b.range.restorable {
+                ""
+            } else {
+                "  NOT RESTORABLE (WAL missing)"
+            }
+        ));
+    }
+    out.push_str("restorable window:\n");
+    if l.windows.is_empty() {
+        out.push_str("  none\n");
+    }
+    for w in &l.windows {
+        out.push_str(&format!(
+            "  timeline {}: {} .. {}\n",
+            w.timeline,
+            w.from.format("%Y-%m-%d %H:%M:%S%.3f+00"),
+            w.to.format("%Y-%m-%d %H:%M:%S%.3f+00")
+        ));
+    }
+    for (tli, g) in &l.wal_gaps {
+        out.push_str(&format!(
+            "WAL GAP on timeline {tli}: {} .. {} ({} segment(s) missing)\n",
+            g.from, g.to, g.missing
+        ));
+    }
+    out.trim_end().to_string()
 }
 
 fn render_wal_list(cluster: &str, s: &WalSummary) -> String {

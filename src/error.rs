@@ -15,6 +15,9 @@
 //! | 8 | PostgreSQL unreachable or failing |
 //! | 9 | invalid input: not a WAL file, missing input file |
 //! | 10 | local I/O error (destination not writable, disk full) |
+//! | 11 | busy: another backup of this cluster is running |
+//! | 12 | WAL missing: the WAL a backup or restore needs is not (yet) in the repository |
+//! | 13 | recovery failed: the restored server did not reach the target |
 //! | 70 | internal error (a bug: please report it) |
 
 use crate::config::ConfigError;
@@ -47,6 +50,12 @@ pub enum Error {
     InvalidInput(String),
     #[error("{0}")]
     LocalIo(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
+    Wal(String),
+    #[error("{0}")]
+    Recovery(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -64,6 +73,9 @@ impl Error {
             Error::Postgres(_) => 8,
             Error::InvalidInput(_) => 9,
             Error::LocalIo(_) => 10,
+            Error::Busy(_) => 11,
+            Error::Wal(_) => 12,
+            Error::Recovery(_) => 13,
             Error::Internal(_) => 70,
         }
     }

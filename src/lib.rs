@@ -4,13 +4,17 @@
 //! `cli` → operations (`wal`) → `repo` (catalog) → `transfer` → `pipeline` / `store` → `pg`,
 //! `config`. See docs/architecture.md.
 
+pub mod backup;
 pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod init;
+pub mod list;
 pub mod pg;
 pub mod pipeline;
+pub mod progress;
 pub mod repo;
+pub mod restore;
 pub mod store;
 pub mod transfer;
 pub mod wal;

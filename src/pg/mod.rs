@@ -3,4 +3,7 @@
 
 pub mod conn;
 pub mod control;
+pub mod files;
+pub mod history;
 pub mod wal;
+pub mod walscan;

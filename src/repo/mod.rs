@@ -13,12 +13,26 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::error::Error;
+use crate::pg::wal::{Lsn, segment_name};
 use crate::pg::wal::{WalFileKind, WalFileName};
+use crate::pg::walscan::{WalScan, WalScanner};
+use crate::pipeline::Keyring;
 use crate::pipeline::keys::KeyringFile;
 use crate::store::{Store, StoreError};
-use crate::transfer::ObjectRef;
+use crate::transfer::{self, ObjectRef};
+use manifest::BackupManifest;
+use window::{ArchiveIndex, BackupRange};
 
+/// Archived WAL files with the time each was stored, and objects that are not WAL files.
+pub type WalListing = (
+    Vec<(WalFileName, Option<chrono::DateTime<chrono::Utc>>)>,
+    Vec<String>,
+);
+
+pub mod manifest;
 pub mod walindex;
+pub mod window;
 
 pub const REPOSITORY_FORMAT: u32 = 1;
 const MAX_META_BYTES: u64 = 1 << 20;
@@ -179,6 +193,12 @@ impl Repository {
 
     /// Every archived WAL file, parsed; objects with other names are reported as strays.
     pub async fn list_wal(&self) -> Result<(Vec<WalFileName>, Vec<String>), RepoError> {
+        let (files, strays) = self.list_wal_meta().await?;
+        Ok((files.into_iter().map(|(f, _)| f).collect(), strays))
+    }
+
+    /// Like `list_wal`, with the time each file was archived.
+    pub async fn list_wal_meta(&self) -> Result<WalListing, RepoError> {
         let prefix = self.key("wal/");
         let mut files = Vec::new();
         let mut strays = Vec::new();
@@ -188,11 +208,116 @@ impl Repository {
                 WalFileName::parse(name).filter(|f| format!("{:08X}", f.timeline) == tli)
             });
             match parsed {
-                Some(f) => files.push(f),
+                Some(f) => files.push((f, meta.modified)),
                 None => strays.push(meta.key),
             }
         }
         Ok((files, strays))
+    }
+
+    /// Every complete backup (one with a manifest), oldest first.
+    pub async fn load_manifests(
+        &self,
+        info: &ClusterInfo,
+        keyring: &Arc<Keyring>,
+    ) -> Result<Vec<BackupManifest>, Error> {
+        let prefix = self.key("backups/");
+        let mut out = Vec::new();
+        for meta in self.store.list(&prefix).await? {
+            let rel = &meta.key[prefix.len()..];
+            let Some((id, "manifest")) = rel.split_once('/') else {
+                continue;
+            };
+            let obj = self.object(info, BackupManifest::manifest_name(id));
+            let (_, bytes) = transfer::get(&self.store, &obj, keyring, false, Vec::new()).await?;
+            let m: BackupManifest = serde_json::from_slice(&bytes).map_err(|e| {
+                Error::Integrity(format!("{}: manifest does not parse: {e}", obj.key))
+            })?;
+            if m.id != id {
+                return Err(Error::Integrity(format!(
+                    "{}: manifest of backup {}",
+                    obj.key, m.id
+                )));
+            }
+            out.push(m);
+        }
+        out.sort_by(|a, b| a.stop_time.cmp(&b.stop_time).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Replaces the provisional ends of restorable ranges with what the WAL says: the last
+    /// commit or abort record in the last segments of each unbroken run.
+    pub async fn resolve_ranges(
+        &self,
+        info: &ClusterInfo,
+        keyring: &Arc<Keyring>,
+        ranges: &mut [BackupRange],
+    ) -> Result<(), Error> {
+        let mut cache: std::collections::HashMap<(u32, u64), WalScan> = Default::default();
+        for r in ranges.iter_mut().filter(|r| r.restorable) {
+            let mut to_time = None;
+            let mut to_lsn = None;
+            let newest = r.run_tail.len().saturating_sub(1);
+            for (i, &(tli, seg)) in r.run_tail.iter().enumerate().rev() {
+                let scan = match cache.get(&(tli, seg)) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s = self.scan_segment(info, keyring, tli, seg).await?;
+                        cache.insert((tli, seg), s.clone());
+                        s
+                    }
+                };
+                if i == newest {
+                    to_lsn = scan.last_record;
+                }
+                if let Some((t, _)) = scan.last_xact {
+                    to_time = Some(t);
+                    break;
+                }
+            }
+            r.to_time = Some(to_time.unwrap_or(r.from_time).max(r.from_time));
+            if let Some(l) = to_lsn {
+                r.to_lsn = Some(l.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    async fn scan_segment(
+        &self,
+        info: &ClusterInfo,
+        keyring: &Arc<Keyring>,
+        tli: u32,
+        segno: u64,
+    ) -> Result<WalScan, Error> {
+        let ss = info.wal_segment_size;
+        let name = format!("wal/{tli:08X}/{}", segment_name(tli, segno, ss));
+        let obj = self.object(info, name);
+        let scanner = WalScanner::new(Lsn(segno * ss));
+        let (_, scanner) = transfer::get(&self.store, &obj, keyring, false, scanner).await?;
+        Ok(scanner.finish())
+    }
+
+    /// The archive's segments and timeline histories, for window computations.
+    pub async fn archive_index(
+        &self,
+        info: &ClusterInfo,
+        keyring: &Arc<Keyring>,
+    ) -> Result<ArchiveIndex, Error> {
+        let (files, _) = self.list_wal_meta().await?;
+        let mut idx = ArchiveIndex::new(info.wal_segment_size, &files);
+        for (f, _) in &files {
+            if f.kind != WalFileKind::TimelineHistory {
+                continue;
+            }
+            let obj = self.object(info, Repository::wal_name(f));
+            let (_, bytes) = transfer::get(&self.store, &obj, keyring, false, Vec::new()).await?;
+            let text = String::from_utf8_lossy(&bytes);
+            let parsed = crate::pg::history::parse(&text)
+                .map_err(|e| Error::Integrity(format!("{}: {e}", obj.key)))?;
+            idx.histories.insert(f.timeline, parsed);
+        }
+        Ok(idx)
     }
 }
 

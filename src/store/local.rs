@@ -130,6 +130,7 @@ impl Store for LocalStore {
             Ok(m) if m.is_file() => Ok(Some(ObjectMeta {
                 key: key.to_string(),
                 size: m.len(),
+                modified: m.modified().ok().map(Into::into),
             })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -154,6 +155,26 @@ impl Store for LocalStore {
         .await
         .map_err(|e| self.failed("list", prefix, e.to_string()))?;
         res.map_err(|e| self.failed("list", prefix, e.to_string()))
+    }
+
+    async fn remove_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+        let dir = prefix.strip_suffix('/').unwrap_or("");
+        let path = self.path("remove", dir)?;
+        let parent = path.parent().map(Path::to_path_buf);
+        let res = tokio::task::spawn_blocking(move || {
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            }
+            if let Some(p) = parent {
+                std::fs::File::open(p)?.sync_all()?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| self.failed("remove", prefix, e.to_string()))?;
+        res.map_err(|e| self.failed("remove", prefix, e.to_string()))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -200,9 +221,11 @@ fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<ObjectMeta>) -> io:
                 walk(root, &path, prefix, out)?;
             }
         } else if ft.is_file() && key.starts_with(prefix) {
+            let meta = entry.metadata()?;
             out.push(ObjectMeta {
                 key,
-                size: entry.metadata()?.len(),
+                size: meta.len(),
+                modified: meta.modified().ok().map(Into::into),
             });
         }
     }

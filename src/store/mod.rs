@@ -27,6 +27,9 @@ pub struct ObjectMeta {
     /// Key relative to the store root.
     pub key: String,
     pub size: u64,
+    /// When the object was last written, as the store reports it (local: mtime; S3:
+    /// Last-Modified). Used to tell when WAL was archived.
+    pub modified: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +90,10 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError>;
     /// Deletes an object; deleting a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Deletes everything under `prefix` (which must end with '/'), including what crashed
+    /// writers left behind: local temporary files, unfinished S3 multipart uploads.
+    async fn remove_prefix(&self, prefix: &str) -> Result<(), StoreError>;
 
     /// Stores a small object in one piece.
     async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), StoreError> {

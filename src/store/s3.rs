@@ -279,6 +279,10 @@ impl Inner {
     }
 }
 
+fn to_utc(t: &aws_sdk_s3::primitives::DateTime) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos())
+}
+
 /// SDK error contexts span lines; error output is one line.
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
@@ -342,6 +346,7 @@ impl Store for S3Store {
             Ok(out) => Ok(Some(ObjectMeta {
                 key: key.to_string(),
                 size: out.content_length().unwrap_or(0).max(0) as u64,
+                modified: out.last_modified().and_then(to_utc),
             })),
             Err(StoreError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
@@ -375,6 +380,7 @@ impl Store for S3Store {
                     out.push(ObjectMeta {
                         key: k[strip..].to_string(),
                         size: obj.size().unwrap_or(0).max(0) as u64,
+                        modified: obj.last_modified().and_then(to_utc),
                     });
                 }
             }
@@ -385,6 +391,57 @@ impl Store for S3Store {
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
+    }
+
+    async fn remove_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+        for m in self.list(prefix).await? {
+            self.delete(&m.key).await?;
+        }
+        // Unfinished multipart uploads are invisible to listing but hold storage.
+        let full = self.inner.full_key(prefix);
+        let mut key_marker: Option<String> = None;
+        let mut id_marker: Option<String> = None;
+        loop {
+            let page = self
+                .inner
+                .call("list multipart uploads", prefix, || {
+                    self.inner
+                        .client
+                        .list_multipart_uploads()
+                        .bucket(&self.inner.bucket)
+                        .prefix(&full)
+                        .set_key_marker(key_marker.clone())
+                        .set_upload_id_marker(id_marker.clone())
+                        .send()
+                })
+                .await?;
+            for u in page.uploads() {
+                if let (Some(k), Some(id)) = (u.key(), u.upload_id()) {
+                    let _ = self
+                        .inner
+                        .call("abort multipart upload", prefix, || {
+                            self.inner
+                                .client
+                                .abort_multipart_upload()
+                                .bucket(&self.inner.bucket)
+                                .key(k)
+                                .upload_id(id)
+                                .send()
+                        })
+                        .await;
+                }
+            }
+            if page.is_truncated() == Some(true) {
+                key_marker = page.next_key_marker().map(str::to_string);
+                id_marker = page.next_upload_id_marker().map(str::to_string);
+                if key_marker.is_none() {
+                    break;
+                }
+            } else {
+                break;
+            }
+        }
+        Ok(())
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {

@@ -591,3 +591,107 @@ pub fn archive_command(config: &Path, cluster: &str) -> String {
         config.display()
     )
 }
+
+/// A server started by `tidemark restore --start`, stopped (immediate) and removed on drop.
+pub struct Restored {
+    pub data: PathBuf,
+    pub socket_dir: PathBuf,
+    pub port: u16,
+    pub bin: PathBuf,
+}
+
+impl Restored {
+    pub fn new(dir: &TestDir, name: &str) -> Restored {
+        let port = 20000
+            + (std::process::id() % 20000) as u16
+            + PORT.fetch_add(1, Ordering::SeqCst) as u16;
+        let socket_dir = dir.join(&format!("{name}-sock"));
+        std::fs::create_dir_all(&socket_dir).unwrap();
+        chown_to_user(&socket_dir);
+        Restored {
+            data: dir.join(name),
+            socket_dir,
+            port,
+            bin: pg_bin(),
+        }
+    }
+
+    /// The restore arguments that start this server privately.
+    pub fn start_args(&self) -> Vec<String> {
+        vec![
+            "--pgdata".into(),
+            self.data.display().to_string(),
+            "--start".into(),
+            "--port".into(),
+            self.port.to_string(),
+            "--socket-dir".into(),
+            self.socket_dir.display().to_string(),
+            "--pg-bin".into(),
+            self.bin.display().to_string(),
+            "--start-timeout".into(),
+            "120s".into(),
+        ]
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let conninfo = format!(
+            "host={} port={} user=postgres dbname=postgres",
+            self.socket_dir.display(),
+            self.port
+        );
+        let (client, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+            .await
+            .expect("connect to restored server");
+        tokio::spawn(conn);
+        client
+    }
+
+    /// pg_amcheck over the database, when this PostgreSQL has it (PostgreSQL 14+ does).
+    pub fn amcheck(&self) -> Option<bool> {
+        let bin = self.bin.join("pg_amcheck");
+        if !bin.exists() {
+            eprintln!("note: {} missing, amcheck skipped", bin.display());
+            return None;
+        }
+        let out = as_user(&bin)
+            .arg("-h")
+            .arg(&self.socket_dir)
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args([
+                "-U",
+                "postgres",
+                "--install-missing",
+                "--heapallindexed",
+                "-d",
+                "postgres",
+            ])
+            .output()
+            .expect("run pg_amcheck");
+        if !out.status.success() {
+            eprintln!(
+                "pg_amcheck: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Some(out.status.success())
+    }
+
+    pub fn stop(&self) {
+        let _ = as_user(self.bin.join("pg_ctl"))
+            .args(["-w", "-D"])
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        self.stop();
+        if std::env::var_os("TIDEMARK_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.data);
+        }
+    }
+}

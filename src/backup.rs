@@ -1,0 +1,775 @@
+//! `tidemark backup`: a full base backup of a running cluster.
+//!
+//! Order of events, and why it is crash-safe:
+//! 1. Take a session-level advisory lock in the cluster itself: one backup per cluster at a time
+//!    across processes and hosts, released by PostgreSQL if this process dies.
+//! 2. Delete leftovers of earlier backups that never wrote a manifest (we hold the lock, so no
+//!    backup is running).
+//! 3. pg_backup_start (non-exclusive, on this session) and copy every file through the pipeline
+//!    into pack objects, several at a time.
+//! 4. pg_backup_stop; wait until the WAL from the start to the stop LSN is in the repository.
+//! 5. Write the manifest, last. Only a backup with a manifest exists for `list` and `restore`;
+//!    a backup killed at any earlier point is invisible and cleaned up by the next run.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::digest;
+use secrecy::ExposeSecret;
+use tokio::task::JoinSet;
+
+use crate::cluster::ClusterHandle;
+use crate::error::Error;
+use crate::pg::files::{self, EntryKind};
+use crate::pg::wal::{Lsn, segment_name, segment_of};
+use crate::pg::{self};
+use crate::pipeline::Keyring;
+use crate::progress::Progress;
+use crate::repo::manifest::{
+    BackupManifest, DirEntry, Extent, FileEntry, MANIFEST_FORMAT, PackEntry, TablespaceEntry,
+};
+use crate::repo::{ClusterInfo, Repository};
+use crate::transfer;
+
+/// Advisory lock key of "a backup of this cluster is running" (ASCII "tidemark").
+pub const BACKUP_LOCK_KEY: i64 = 0x7469_6465_6d61_726b;
+/// Files up to this size share packs; larger files are cut into pieces of this size, each its
+/// own pack, so one large relation does not serialise the backup.
+pub const PACK_TARGET: u64 = 64 << 20;
+/// At most this many files in one pack (bounds manifest work per pack on restore).
+const PACK_MAX_FILES: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub parallelism: usize,
+    pub wal_timeout: Duration,
+    pub label: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Piece {
+    file: usize,
+    source: PathBuf,
+    offset: u64,
+    length: u64,
+}
+
+#[derive(Debug, Clone)]
+struct PieceResult {
+    piece: usize,
+    pack_offset: u64,
+    length: u64,
+    sha256: [u8; 32],
+}
+
+/// Reads the pieces of one pack back to back, hashing each; records what it actually read
+/// (a file may shrink or vanish during the backup: WAL replay repairs that).
+struct PackReader {
+    pieces: Vec<Piece>,
+    next: usize,
+    file: Option<File>,
+    remaining: u64,
+    read_in_piece: u64,
+    start_in_pack: u64,
+    pack_offset: u64,
+    hasher: Option<digest::Context>,
+    results: Arc<Mutex<Vec<PieceResult>>>,
+    progress: Arc<AtomicU64>,
+}
+
+impl PackReader {
+    fn finish_piece(&mut self) {
+        let h = self.hasher.take().map(|h| h.finish());
+        let mut sha = [0u8; 32];
+        if let Some(h) = h {
+            sha.copy_from_slice(h.as_ref());
+        }
+        if let Ok(mut r) = self.results.lock() {
+            r.push(PieceResult {
+                piece: self.next - 1,
+                pack_offset: self.start_in_pack,
+                length: self.read_in_piece,
+                sha256: sha,
+            });
+        }
+        self.file = None;
+    }
+}
+
+impl Read for PackReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.file.is_none() {
+                let Some(piece) = self.pieces.get(self.next) else {
+                    return Ok(0);
+                };
+                self.next += 1;
+                let mut f = match File::open(&piece.source) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // dropped meanwhile
+                    Err(e) => {
+                        return Err(io::Error::new(
+                            e.kind(),
+                            format!("{}: {e}", piece.source.display()),
+                        ));
+                    }
+                };
+                f.seek(SeekFrom::Start(piece.offset))?;
+                self.remaining = piece.length;
+                self.read_in_piece = 0;
+                self.start_in_pack = self.pack_offset;
+                self.hasher = Some(digest::Context::new(&digest::SHA256));
+                self.file = Some(f);
+                if self.remaining == 0 {
+                    self.finish_piece();
+                    continue;
+                }
+            }
+            let want = (buf.len() as u64).min(self.remaining) as usize;
+            let n = match self.file.as_mut() {
+                Some(f) => f.read(&mut buf[..want])?,
+                None => 0,
+            };
+            if n == 0 {
+                self.finish_piece(); // shorter than when listed
+                continue;
+            }
+            if let Some(h) = self.hasher.as_mut() {
+                h.update(&buf[..n]);
+            }
+            self.remaining -= n as u64;
+            self.read_in_piece += n as u64;
+            self.pack_offset += n as u64;
+            self.progress.fetch_add(n as u64, Ordering::Relaxed);
+            if self.remaining == 0 {
+                self.finish_piece();
+            }
+            return Ok(n);
+        }
+    }
+}
+
+/// Groups pieces into packs: small files share packs up to PACK_TARGET bytes, large files are
+/// cut into PACK_TARGET pieces, one pack each.
+fn plan_packs(files: &[(PathBuf, u64)]) -> Vec<Vec<Piece>> {
+    let mut packs = Vec::new();
+    let mut current: Vec<Piece> = Vec::new();
+    let mut current_bytes = 0u64;
+    for (i, (source, size)) in files.iter().enumerate() {
+        if *size > PACK_TARGET {
+            let mut off = 0;
+            while off < *size {
+                let len = (*size - off).min(PACK_TARGET);
+                packs.push(vec![Piece {
+                    file: i,
+                    source: source.clone(),
+                    offset: off,
+                    length: len,
+                }]);
+                off += len;
+            }
+            continue;
+        }
+        if *size == 0 {
+            continue; // recorded in the manifest without extents
+        }
+        if current_bytes + size > PACK_TARGET || current.len() >= PACK_MAX_FILES {
+            packs.push(std::mem::take(&mut current));
+            current_bytes = 0;
+        }
+        current.push(Piece {
+            file: i,
+            source: source.clone(),
+            offset: 0,
+            length: *size,
+        });
+        current_bytes += size;
+    }
+    if !current.is_empty() {
+        packs.push(current);
+    }
+    packs
+}
+
+/// What `backup` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackupOutcome {
+    pub id: String,
+    pub label: String,
+    pub timeline: u32,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    pub start_time: chrono::DateTime<chrono::Utc>,
+    pub stop_time: chrono::DateTime<chrono::Utc>,
+    pub files: usize,
+    pub packs: usize,
+    pub original_bytes: u64,
+    pub stored_bytes: u64,
+    pub duration_ms: u64,
+    pub removed_incomplete: Vec<String>,
+}
+
+pub async fn backup(cluster: &ClusterHandle, opts: &BackupOptions) -> Result<BackupOutcome, Error> {
+    let started = Instant::now();
+    let info = cluster.repo.read_info().await?;
+    let keyring = cluster.keyring(&info).await?;
+    let pgdata = cluster.config.pgdata.clone().ok_or_else(|| {
+        Error::Usage(format!(
+            "clusters.{}.pgdata is required by backup",
+            cluster.name
+        ))
+    })?;
+    let conninfo = cluster.config.connection.as_ref().ok_or_else(|| {
+        Error::Usage(format!(
+            "clusters.{}.connection is required by backup",
+            cluster.name
+        ))
+    })?;
+    let client = pg::conn::connect(conninfo.expose_secret())
+        .await
+        .map_err(Error::Postgres)?;
+    let id = pg::conn::identify(&client).await.map_err(Error::Postgres)?;
+    let repo_sysid = info.system_identifier()?;
+    if id.system_identifier != repo_sysid {
+        return Err(Error::Repository(format!(
+            "cluster {} at its connection is PostgreSQL system {}, but its repository is for system {repo_sysid}: \
+             another cluster's repository",
+            cluster.name, id.system_identifier
+        )));
+    }
+    let local_sysid = pg::control::read_system_identifier(&pgdata)
+        .map_err(|e| Error::InvalidInput(format!("{}/global/pg_control: {e}", pgdata.display())))?;
+    if local_sysid != repo_sysid {
+        return Err(Error::Usage(format!(
+            "pgdata {} belongs to system {local_sysid}, not to the server at the connection ({repo_sysid})",
+            pgdata.display()
+        )));
+    }
+
+    let locked: bool = client
+        .query_one("select pg_try_advisory_lock($1)", &[&BACKUP_LOCK_KEY])
+        .await
+        .map_err(|e| Error::Postgres(format!("taking the backup lock: {e}")))?
+        .get(0);
+    if !locked {
+        return Err(Error::Busy(format!(
+            "another backup of cluster {} is running (it holds the advisory lock in the cluster); try again later",
+            cluster.name
+        )));
+    }
+
+    let removed_incomplete = remove_incomplete(&cluster.repo).await?;
+    let backup_id = new_backup_id(&cluster.repo, &removed_incomplete).await?;
+    let label = opts
+        .label
+        .clone()
+        .unwrap_or_else(|| format!("tidemark {backup_id}"));
+    // Mark the backup as started before anything else of it exists, so whatever a crash
+    // leaves (even only temporary files) is found and removed by the next run.
+    let started_marker = serde_json::json!({
+        "id": backup_id,
+        "host": hostname(),
+        "pid": std::process::id(),
+        "started": chrono::Utc::now(),
+    });
+    cluster
+        .repo
+        .store()
+        .put_bytes(
+            &cluster.repo.key(&format!("backups/{backup_id}/started")),
+            bytes::Bytes::from(started_marker.to_string()),
+        )
+        .await?;
+
+    let start_sql = if id.version_num >= 150000 {
+        "select pg_backup_start($1, true)::text, clock_timestamp()"
+    } else {
+        "select pg_start_backup($1, true, false)::text, clock_timestamp()"
+    };
+    let row = client
+        .query_one(start_sql, &[&label])
+        .await
+        .map_err(|e| Error::Postgres(format!("pg_backup_start: {e}")))?;
+    let start_lsn: Lsn = row.get::<_, String>(0).parse().map_err(Error::Postgres)?;
+    let start_time: chrono::DateTime<chrono::Utc> = row.get(1);
+    tracing::info!(backup = %backup_id, start_lsn = %start_lsn, "backup started");
+
+    let result = copy_and_finish(
+        cluster,
+        &info,
+        &keyring,
+        &client,
+        &pgdata,
+        &backup_id,
+        &label,
+        start_lsn,
+        start_time,
+        id.version_num,
+        opts,
+        started,
+    )
+    .await;
+    if result.is_err() {
+        // Best effort: the next backup or expire removes whatever this leaves.
+        let _ = delete_backup_objects(&cluster.repo, &backup_id).await;
+    }
+    let mut outcome = result?;
+    outcome.removed_incomplete = removed_incomplete;
+    Ok(outcome)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn copy_and_finish(
+    cluster: &ClusterHandle,
+    info: &ClusterInfo,
+    keyring: &Arc<Keyring>,
+    client: &tokio_postgres::Client,
+    pgdata: &std::path::Path,
+    backup_id: &str,
+    label: &str,
+    start_lsn: Lsn,
+    start_time: chrono::DateTime<chrono::Utc>,
+    version_num: u32,
+    opts: &BackupOptions,
+    started: Instant,
+) -> Result<BackupOutcome, Error> {
+    let root = pgdata.to_path_buf();
+    let (entries, tablespaces) = tokio::task::spawn_blocking(move || files::scan(&root))
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+        .map_err(|e| Error::LocalIo(format!("listing the data directory: {e}")))?;
+    let mut directories = Vec::new();
+    let mut file_list: Vec<(String, PathBuf, u64, u32)> = Vec::new();
+    for e in entries {
+        match e.kind {
+            EntryKind::Dir => directories.push(DirEntry {
+                path: e.path,
+                mode: e.mode,
+            }),
+            EntryKind::File { size } => file_list.push((e.path, e.source, size, e.mode)),
+        }
+    }
+    let total: u64 = file_list.iter().map(|f| f.2).sum();
+    let packs = plan_packs(
+        &file_list
+            .iter()
+            .map(|f| (f.1.clone(), f.2))
+            .collect::<Vec<_>>(),
+    );
+    tracing::info!(
+        files = file_list.len(),
+        bytes = total,
+        packs = packs.len(),
+        "copying"
+    );
+
+    let progress = Progress::start("backup", total);
+    let results = Arc::new(Mutex::new(Vec::<(
+        u32,
+        Vec<Piece>,
+        Vec<PieceResult>,
+        u64,
+        u64,
+    )>::new()));
+    let mut set = JoinSet::new();
+    let sem = Arc::new(tokio::sync::Semaphore::new(opts.parallelism.max(1)));
+    for (pack_id, pieces) in packs.into_iter().enumerate() {
+        let pack_id = pack_id as u32;
+        let permit = sem
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        // Stop early when a transfer already failed.
+        while let Some(done) = set.try_join_next() {
+            done.map_err(|e| Error::Internal(e.to_string()))??;
+        }
+        let store = cluster.repo.store().clone();
+        let obj = cluster
+            .repo
+            .object(info, BackupManifest::pack_name(backup_id, pack_id));
+        let keyring = keyring.clone();
+        let encode = cluster.encode;
+        let results = results.clone();
+        let counter = progress.counter();
+        set.spawn(async move {
+            let _permit = permit;
+            let piece_results = Arc::new(Mutex::new(Vec::new()));
+            let reader = PackReader {
+                pieces: pieces.clone(),
+                next: 0,
+                file: None,
+                remaining: 0,
+                read_in_piece: 0,
+                start_in_pack: 0,
+                pack_offset: 0,
+                hasher: None,
+                results: piece_results.clone(),
+                progress: counter,
+            };
+            let stats = transfer::put(&store, &obj, &keyring, encode, reader).await?;
+            let pr = piece_results.lock().map(|v| v.clone()).unwrap_or_default();
+            if let Ok(mut r) = results.lock() {
+                r.push((
+                    pack_id,
+                    pieces,
+                    pr,
+                    stats.original_bytes,
+                    stats.stored_bytes,
+                ));
+            }
+            Ok::<(), Error>(())
+        });
+    }
+    while let Some(done) = set.join_next().await {
+        if let Err(e) = done
+            .map_err(|e| Error::Internal(e.to_string()))
+            .and_then(|r| r)
+        {
+            set.abort_all();
+            progress.finish().await;
+            return Err(e);
+        }
+    }
+    progress.finish().await;
+
+    let stop_sql = if version_num >= 150000 {
+        "select lsn::text, labelfile, spcmapfile, clock_timestamp() from pg_backup_stop(false)"
+    } else {
+        "select lsn::text, labelfile, spcmapfile, clock_timestamp() from pg_stop_backup(false, false)"
+    };
+    let row = client
+        .query_one(stop_sql, &[])
+        .await
+        .map_err(|e| Error::Postgres(format!("pg_backup_stop: {e}")))?;
+    let stop_lsn: Lsn = row.get::<_, String>(0).parse().map_err(Error::Postgres)?;
+    let backup_label: String = row.get(1);
+    let tablespace_map: Option<String> = row.get(2);
+    let stop_time: chrono::DateTime<chrono::Utc> = row.get(3);
+    let timeline = parse_start_timeline(&backup_label)?;
+    tracing::info!(stop_lsn = %stop_lsn, "backup stopped; waiting for its WAL to be archived");
+
+    let seg_size = info.wal_segment_size;
+    let first_seg = segment_of(start_lsn, seg_size);
+    let last_seg = segment_of(Lsn(stop_lsn.0.saturating_sub(1).max(start_lsn.0)), seg_size);
+    wait_for_wal(
+        &cluster.repo,
+        timeline,
+        first_seg,
+        last_seg,
+        seg_size,
+        opts.wal_timeout,
+    )
+    .await?;
+
+    // Assemble the manifest from what was actually read.
+    let mut extents: Vec<Vec<Extent>> = vec![Vec::new(); file_list.len()];
+    let mut pack_entries = Vec::new();
+    let mut stored_bytes = 0;
+    let all = results.lock().map(|r| r.clone()).unwrap_or_default();
+    for (pack_id, pieces, piece_results, original, stored) in all {
+        stored_bytes += stored;
+        pack_entries.push(PackEntry {
+            id: pack_id,
+            original_bytes: original,
+            stored_bytes: stored,
+        });
+        for r in piece_results {
+            let piece = &pieces[r.piece];
+            if r.length == 0 {
+                continue;
+            }
+            extents[piece.file].push(Extent {
+                pack: pack_id,
+                pack_offset: r.pack_offset,
+                file_offset: piece.offset,
+                length: r.length,
+                sha256: hex::encode(r.sha256),
+            });
+        }
+    }
+    pack_entries.sort_by_key(|p| p.id);
+    let mut files_out = Vec::with_capacity(file_list.len());
+    let mut original_bytes = 0;
+    for ((path, _, listed_size, mode), mut ext) in file_list.into_iter().zip(extents) {
+        ext.sort_by_key(|e| e.file_offset);
+        if listed_size > 0 && ext.is_empty() {
+            continue; // vanished during the backup
+        }
+        let size = ext
+            .iter()
+            .map(|e| e.file_offset + e.length)
+            .max()
+            .unwrap_or(0);
+        original_bytes += ext.iter().map(|e| e.length).sum::<u64>();
+        files_out.push(FileEntry {
+            path,
+            size,
+            mode,
+            extents: ext,
+        });
+    }
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let manifest = BackupManifest {
+        format: MANIFEST_FORMAT,
+        id: backup_id.to_string(),
+        label: label.to_string(),
+        cluster: cluster.name.clone(),
+        system_identifier: info.system_identifier.clone(),
+        pg_version_num: version_num,
+        timeline,
+        start_lsn: start_lsn.to_string(),
+        stop_lsn: stop_lsn.to_string(),
+        start_time,
+        stop_time,
+        wal_start: segment_name(timeline, first_seg, seg_size),
+        wal_stop: segment_name(timeline, last_seg, seg_size),
+        backup_label,
+        tablespace_map,
+        tablespaces: tablespaces
+            .iter()
+            .map(|t| TablespaceEntry {
+                oid: t.oid,
+                location: t.location.display().to_string(),
+            })
+            .collect(),
+        directories,
+        files: files_out,
+        packs: pack_entries,
+        original_bytes,
+        stored_bytes,
+        duration_ms,
+        tidemark_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let json = serde_json::to_vec(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
+    let obj = cluster
+        .repo
+        .object(info, BackupManifest::manifest_name(backup_id));
+    transfer::put(
+        cluster.repo.store(),
+        &obj,
+        keyring,
+        cluster.encode,
+        io::Cursor::new(json),
+    )
+    .await?;
+    tracing::info!(backup = %backup_id, ms = duration_ms, "backup complete");
+    Ok(BackupOutcome {
+        id: backup_id.to_string(),
+        label: label.to_string(),
+        timeline,
+        start_lsn: manifest.start_lsn,
+        stop_lsn: manifest.stop_lsn,
+        start_time,
+        stop_time,
+        files: manifest.files.len(),
+        packs: manifest.packs.len(),
+        original_bytes,
+        stored_bytes,
+        duration_ms,
+        removed_incomplete: Vec::new(),
+    })
+}
+
+fn parse_start_timeline(label: &str) -> Result<u32, Error> {
+    label
+        .lines()
+        .find_map(|l| l.strip_prefix("START TIMELINE:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| Error::Postgres("backup_label has no START TIMELINE line".into()))
+}
+
+/// Waits until segments first..=last of `timeline` are archived.
+async fn wait_for_wal(
+    repo: &Repository,
+    timeline: u32,
+    first: u64,
+    last: u64,
+    seg_size: u64,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let t = Instant::now();
+    let prefix = repo.key(&format!("wal/{timeline:08X}/"));
+    loop {
+        let have: std::collections::HashSet<String> = repo
+            .store()
+            .list(&prefix)
+            .await?
+            .into_iter()
+            .map(|m| m.key[prefix.len()..].to_string())
+            .collect();
+        let missing: Vec<String> = (first..=last)
+            .map(|s| segment_name(timeline, s, seg_size))
+            .filter(|n| !have.contains(n))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if t.elapsed() > timeout {
+            return Err(Error::Wal(format!(
+                "the backup's WAL was not archived within {timeout:?}: missing {} (first missing {}); \
+                 check archive_command and pg_stat_archiver",
+                missing.len(),
+                missing[0]
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Backup ids sort by time: `YYYYMMDDTHHMMSSZ`, with a suffix if that second is taken (or was
+/// the id of a leftover just removed: an id is never reused).
+async fn new_backup_id(repo: &Repository, avoid: &[String]) -> Result<String, Error> {
+    let base = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+    for n in 0..100 {
+        let id = if n == 0 {
+            base.clone()
+        } else {
+            format!("{base}-{n}")
+        };
+        if avoid.contains(&id) {
+            continue;
+        }
+        if repo
+            .store()
+            .list(&repo.key(&format!("backups/{id}/")))
+            .await?
+            .is_empty()
+        {
+            return Ok(id);
+        }
+    }
+    Err(Error::Internal("could not find a free backup id".into()))
+}
+
+/// Deletes every backup directory that has no manifest. Only safe while holding the backup
+/// lock (no backup can be in progress).
+pub async fn remove_incomplete(repo: &Repository) -> Result<Vec<String>, Error> {
+    let prefix = repo.key("backups/");
+    // Every backup directory holds a `started` marker from its first moment on.
+    let mut by_id: std::collections::BTreeMap<String, (bool, Vec<String>)> = Default::default();
+    for m in repo.store().list(&prefix).await? {
+        let rel = &m.key[prefix.len()..];
+        let Some((id, rest)) = rel.split_once('/') else {
+            continue;
+        };
+        let e = by_id.entry(id.to_string()).or_default();
+        if rest == "manifest" {
+            e.0 = true;
+        }
+        e.1.push(m.key.clone());
+    }
+    let mut removed = Vec::new();
+    for (id, (has_manifest, _)) in by_id {
+        if has_manifest {
+            continue;
+        }
+        delete_backup_objects(repo, &id).await?;
+        tracing::info!(backup = %id, "removed leftovers of an incomplete backup");
+        removed.push(id);
+    }
+    Ok(removed)
+}
+
+async fn delete_backup_objects(repo: &Repository, id: &str) -> Result<(), Error> {
+    repo.store()
+        .remove_prefix(&repo.key(&format!("backups/{id}/")))
+        .await?;
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packs_group_small_files_and_cut_large_ones() {
+        let files = vec![
+            (PathBuf::from("a"), 10),
+            (PathBuf::from("b"), 0),
+            (PathBuf::from("c"), PACK_TARGET * 2 + 5),
+            (PathBuf::from("d"), PACK_TARGET - 5),
+            (PathBuf::from("e"), 20),
+        ];
+        let packs = plan_packs(&files);
+        let shape: Vec<Vec<(usize, u64, u64)>> = packs
+            .iter()
+            .map(|p| p.iter().map(|x| (x.file, x.offset, x.length)).collect())
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                vec![(2, 0, PACK_TARGET)],
+                vec![(2, PACK_TARGET, PACK_TARGET)],
+                vec![(2, 2 * PACK_TARGET, 5)],
+                // a pack never exceeds the target: d does not fit beside a, e not beside d
+                vec![(0, 0, 10)],
+                vec![(3, 0, PACK_TARGET - 5)],
+                vec![(4, 0, 20)],
+            ]
+        );
+    }
+
+    #[test]
+    fn pack_reader_records_short_and_vanished_files() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a"), b"hello").unwrap();
+        std::fs::write(d.path().join("c"), b"xy").unwrap();
+        let pieces = vec![
+            Piece {
+                file: 0,
+                source: d.path().join("a"),
+                offset: 0,
+                length: 5,
+            },
+            Piece {
+                file: 1,
+                source: d.path().join("gone"),
+                offset: 0,
+                length: 9,
+            },
+            Piece {
+                file: 2,
+                source: d.path().join("c"),
+                offset: 0,
+                length: 4,
+            }, // shrank
+        ];
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let mut r = PackReader {
+            pieces,
+            next: 0,
+            file: None,
+            remaining: 0,
+            read_in_piece: 0,
+            start_in_pack: 0,
+            pack_offset: 0,
+            hasher: None,
+            results: results.clone(),
+            progress: Arc::new(AtomicU64::new(0)),
+        };
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"helloxy");
+        let res = results.lock().unwrap().clone();
+        let got: Vec<(usize, u64, u64)> = res
+            .iter()
+            .map(|x| (x.piece, x.pack_offset, x.length))
+            .collect();
+        assert_eq!(got, vec![(0, 0, 5), (2, 5, 2)]);
+        assert_eq!(
+            hex::encode(res[1].sha256),
+            hex::encode(digest::digest(&digest::SHA256, b"xy"))
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! `tidemark list`: complete backups and the restorable window per timeline.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::cluster::ClusterHandle;
+use crate::error::Error;
+use crate::repo::walindex::{WalGap, summarise};
+use crate::repo::window::{self, BackupRange, Window};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupSummary {
+    pub id: String,
+    pub label: String,
+    pub timeline: u32,
+    pub start_time: DateTime<Utc>,
+    pub stop_time: DateTime<Utc>,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    pub original_bytes: u64,
+    pub stored_bytes: u64,
+    pub duration_ms: u64,
+    pub pg_version_num: u32,
+    pub files: usize,
+    /// What this backup can restore to on its newest reachable timeline.
+    pub range: BackupRange,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Listing {
+    pub cluster: String,
+    pub backups: Vec<BackupSummary>,
+    pub windows: Vec<Window>,
+    pub earliest_restorable: Option<DateTime<Utc>>,
+    pub latest_restorable: Option<DateTime<Utc>>,
+    pub wal_gaps: Vec<(u32, WalGap)>,
+}
+
+pub async fn list(cluster: &ClusterHandle) -> Result<Listing, Error> {
+    let info = cluster.repo.read_info().await?;
+    let keyring = cluster.keyring(&info).await?;
+    let manifests = cluster.repo.load_manifests(&info, &keyring).await?;
+    let idx = cluster.repo.archive_index(&info, &keyring).await?;
+    let mut ranges = idx.all_ranges(&manifests);
+    cluster
+        .repo
+        .resolve_ranges(&info, &keyring, &mut ranges)
+        .await?;
+    let windows = window::windows(&ranges);
+    let backups = manifests
+        .iter()
+        .map(|m| {
+            let stop = m.stop_lsn.parse().unwrap_or_default();
+            let tli = idx.latest_timeline(m.timeline, stop);
+            let range = ranges
+                .iter()
+                .find(|r| r.backup == m.id && r.timeline == tli)
+                .cloned()
+                .unwrap_or_else(|| idx.range(m, tli));
+            BackupSummary {
+                id: m.id.clone(),
+                label: m.label.clone(),
+                timeline: m.timeline,
+                start_time: m.start_time,
+                stop_time: m.stop_time,
+                start_lsn: m.start_lsn.clone(),
+                stop_lsn: m.stop_lsn.clone(),
+                original_bytes: m.original_bytes,
+                stored_bytes: m.stored_bytes,
+                duration_ms: m.duration_ms,
+                pg_version_num: m.pg_version_num,
+                files: m.files.len(),
+                range,
+            }
+        })
+        .collect();
+    let (files, strays) = cluster.repo.list_wal().await?;
+    let summary = summarise(&files, strays, info.wal_segment_size);
+    let wal_gaps = summary
+        .timelines
+        .iter()
+        .flat_map(|t| t.gaps.iter().map(move |g| (t.timeline, g.clone())))
+        .collect();
+    Ok(Listing {
+        cluster: cluster.name.clone(),
+        earliest_restorable: windows.iter().map(|w| w.from).min(),
+        latest_restorable: windows.iter().map(|w| w.to).max(),
+        backups,
+        windows,
+        wal_gaps,
+    })
+}

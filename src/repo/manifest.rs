@@ -1,0 +1,93 @@
+//! The backup manifest: everything a restore needs, written as the last object of a backup.
+//! A backup without a manifest is incomplete and never listed or restored.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub const MANIFEST_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupManifest {
+    pub format: u32,
+    pub id: String,
+    pub label: String,
+    pub cluster: String,
+    pub system_identifier: String,
+    pub pg_version_num: u32,
+    pub timeline: u32,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    /// Database clock when the backup started and when pg_backup_stop returned; a backup can
+    /// restore to any moment from `stop_time` on.
+    pub start_time: DateTime<Utc>,
+    pub stop_time: DateTime<Utc>,
+    /// First and last WAL segment the backup needs.
+    pub wal_start: String,
+    pub wal_stop: String,
+    pub backup_label: String,
+    pub tablespace_map: Option<String>,
+    pub tablespaces: Vec<TablespaceEntry>,
+    pub directories: Vec<DirEntry>,
+    pub files: Vec<FileEntry>,
+    pub packs: Vec<PackEntry>,
+    pub original_bytes: u64,
+    pub stored_bytes: u64,
+    pub duration_ms: u64,
+    pub tidemark_version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TablespaceEntry {
+    pub oid: u32,
+    pub location: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirEntry {
+    pub path: String,
+    pub mode: u32,
+}
+
+/// A file, as the byte ranges (extents) of packs that hold it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    pub path: String,
+    pub size: u64,
+    pub mode: u32,
+    pub extents: Vec<Extent>,
+}
+
+/// `length` bytes at `file_offset` of the file are bytes `pack_offset..` of pack `pack`'s
+/// content; `sha256` is the SHA-256 of those original bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Extent {
+    pub pack: u32,
+    pub pack_offset: u64,
+    pub file_offset: u64,
+    pub length: u64,
+    pub sha256: String,
+}
+
+/// A pack: one object holding the concatenated extents of one or more files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackEntry {
+    pub id: u32,
+    pub original_bytes: u64,
+    pub stored_bytes: u64,
+}
+
+impl BackupManifest {
+    pub fn pack_name(backup_id: &str, pack: u32) -> String {
+        format!("backups/{backup_id}/packs/{pack:06}")
+    }
+
+    pub fn manifest_name(backup_id: &str) -> String {
+        format!("backups/{backup_id}/manifest")
+    }
+}

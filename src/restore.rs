@@ -1,0 +1,1108 @@
+//! `tidemark restore`: rebuilds a data directory from a backup and configures PostgreSQL to
+//! replay archived WAL to the requested target; optionally starts it and waits until the
+//! target is reached.
+//!
+//! Contracts:
+//! - the target directory must not exist or be empty (or `--force`, which refuses a directory
+//!   with a postmaster.pid);
+//! - every byte is authenticated (AES-GCM) and every extent checked against the manifest's
+//!   SHA-256 before the restore reports success; on any failure the restored contents are
+//!   removed, so no half-restored directory can be started by mistake;
+//! - targets outside the restorable window are refused before anything is downloaded.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::digest;
+use chrono::{DateTime, FixedOffset, Utc};
+use tokio::task::JoinSet;
+
+use crate::cluster::ClusterHandle;
+use crate::error::Error;
+use crate::pg::wal::Lsn;
+use crate::progress::Progress;
+use crate::repo::manifest::BackupManifest;
+use crate::repo::window::{ArchiveIndex, BackupRange, Window};
+use crate::transfer;
+
+/// Where recovery should stop.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecoveryTarget {
+    Time(DateTime<FixedOffset>),
+    Lsn(Lsn),
+    Xid(String),
+    Name(String),
+    /// The end of the backup (recovery_target = 'immediate').
+    Immediate,
+    /// Replay all archived WAL.
+    Latest,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetTimeline {
+    Latest,
+    Current,
+    Id(u32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveMode {
+    /// Keep the backed-up archive settings: after promotion the restored cluster archives
+    /// its new timeline into the repository.
+    Preserve,
+    /// archive_mode = off in the restored cluster (drills, copies for inspection).
+    Off,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub pgdata: PathBuf,
+    pub target: RecoveryTarget,
+    pub target_timeline: Option<TargetTimeline>,
+    pub exclusive: bool,
+    pub backup: Option<String>,
+    pub tablespace_map: Vec<(String, String)>,
+    pub force: bool,
+    pub parallelism: usize,
+    pub archive_mode: ArchiveMode,
+    /// OS user to own the restored files when running as root.
+    pub owner: Option<String>,
+    /// Config file and binary the restore_command runs.
+    pub config_path: PathBuf,
+    pub start: Option<StartOptions>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    pub pg_bin: Option<PathBuf>,
+    pub port: Option<u16>,
+    pub socket_dir: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreOutcome {
+    pub backup: String,
+    pub pgdata: String,
+    pub target: String,
+    pub timeline: Option<u32>,
+    pub files: usize,
+    pub bytes: u64,
+    pub download_ms: u64,
+    /// Filled when --start waited for the server.
+    pub started: Option<StartOutcome>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StartOutcome {
+    /// Timestamp of the last transaction replayed (PostgreSQL's pg_last_xact_replay_timestamp).
+    pub restored_to_time: Option<DateTime<Utc>>,
+    pub restored_to_lsn: Option<String>,
+    pub timeline: Option<u32>,
+    pub recovery_ms: u64,
+    pub total_ms: u64,
+    pub port: u16,
+    pub socket_dir: String,
+}
+
+impl RecoveryTarget {
+    pub fn describe(&self) -> String {
+        match self {
+            RecoveryTarget::Time(t) => format!("time {}", t.format("%Y-%m-%d %H:%M:%S%.f%:z")),
+            RecoveryTarget::Lsn(l) => format!("lsn {l}"),
+            RecoveryTarget::Xid(x) => format!("xid {x}"),
+            RecoveryTarget::Name(n) => format!("restore point {n:?}"),
+            RecoveryTarget::Immediate => "end of the backup (immediate)".into(),
+            RecoveryTarget::Latest => "end of the archived WAL".into(),
+        }
+    }
+}
+
+/// Parses a recovery target time. A time zone is required: PostgreSQL would otherwise read it
+/// in the restored server's zone, which the operator may not know during an incident.
+pub fn parse_target_time(s: &str) -> Result<DateTime<FixedOffset>, String> {
+    let s = s.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t);
+    }
+    for fmt in [
+        "%Y-%m-%d %H:%M:%S%.f%#z",
+        "%Y-%m-%d %H:%M:%S%#z",
+        "%Y-%m-%d %H:%M:%S%.f %#z",
+        "%Y-%m-%d %H:%M:%S %#z",
+    ] {
+        if let Ok(t) = DateTime::parse_from_str(s, fmt) {
+            return Ok(t);
+        }
+    }
+    Err(format!(
+        "invalid --target-time {s:?}: use 'YYYY-MM-DD HH:MM:SS[.ffffff]+TZ', e.g. '2026-11-27 09:41:07+00'"
+    ))
+}
+
+fn print_windows(windows: &[Window]) -> String {
+    if windows.is_empty() {
+        return "nothing is restorable (no complete backup with its WAL)".into();
+    }
+    windows
+        .iter()
+        .map(|w| {
+            format!(
+                "timeline {}: {} .. {}",
+                w.timeline,
+                w.from.format("%Y-%m-%d %H:%M:%S%.3f+00"),
+                w.to.format("%Y-%m-%d %H:%M:%S%.3f+00")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Chooses the backup and target timeline, or explains why the target cannot be reached.
+fn choose(
+    backups: &[BackupManifest],
+    idx: &ArchiveIndex,
+    ranges: &[BackupRange],
+    opts: &RestoreOptions,
+) -> Result<(BackupManifest, u32, BackupRange, Vec<String>), Error> {
+    let windows = crate::repo::window::windows(ranges);
+    let refuse = |why: String| {
+        Error::Recovery(format!(
+            "{why}; the restorable window is {}",
+            print_windows(&windows)
+        ))
+    };
+    if backups.is_empty() {
+        return Err(Error::NotFound(
+            "no complete backup in the repository: run `tidemark backup` first".into(),
+        ));
+    }
+    let timeline_for = |b: &BackupManifest| -> Result<u32, Error> {
+        let stop: Lsn = b.stop_lsn.parse().unwrap_or_default();
+        match &opts.target_timeline {
+            None | Some(TargetTimeline::Latest) => Ok(idx.latest_timeline(b.timeline, stop)),
+            Some(TargetTimeline::Current) => Ok(b.timeline),
+            Some(TargetTimeline::Id(t)) => {
+                if idx.reachable(b.timeline, stop, *t) {
+                    Ok(*t)
+                } else {
+                    Err(Error::Recovery(format!(
+                        "timeline {t} does not descend from backup {}'s timeline {} after its end",
+                        b.id, b.timeline
+                    )))
+                }
+            }
+        }
+    };
+    let candidates: Vec<&BackupManifest> = match &opts.backup {
+        Some(id) => vec![backups.iter().find(|b| &b.id == id).ok_or_else(|| {
+            Error::NotFound(format!(
+                "backup {id} is not in the repository (complete backups: {})",
+                backups
+                    .iter()
+                    .map(|b| b.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?],
+        None => backups.iter().rev().collect(),
+    };
+    let mut last_reason = String::new();
+    for b in candidates {
+        let tli = timeline_for(b)?;
+        let range = ranges
+            .iter()
+            .find(|r| r.backup == b.id && r.timeline == tli)
+            .cloned()
+            .unwrap_or_else(|| idx.range(b, tli));
+        if !range.restorable {
+            last_reason = format!(
+                "backup {}'s WAL ({} .. {}) is not complete in the archive",
+                b.id, b.wal_start, b.wal_stop
+            );
+            continue;
+        }
+        let to_lsn: Lsn = range
+            .to_lsn
+            .as_deref()
+            .unwrap_or("0/0")
+            .parse()
+            .unwrap_or_default();
+        let mut warnings = Vec::new();
+        let ok = match &opts.target {
+            RecoveryTarget::Time(t) => {
+                let t = t.with_timezone(&Utc);
+                if t < b.stop_time {
+                    last_reason = format!(
+                        "target time is before the end of backup {} ({})",
+                        b.id, b.stop_time
+                    );
+                    false
+                } else if range.to_time.is_some_and(|end| t >= end) {
+                    last_reason = format!(
+                        "target time is not before the last transaction in the archived WAL reachable from backup {} \
+                         (PostgreSQL stops a time target only at a later commit; restore without a target to replay everything)",
+                        b.id
+                    );
+                    false
+                } else {
+                    true
+                }
+            }
+            RecoveryTarget::Lsn(l) => {
+                let stop: Lsn = b.stop_lsn.parse().unwrap_or_default();
+                if *l < stop {
+                    last_reason = format!(
+                        "target LSN {l} is before the end of backup {} ({stop})",
+                        b.id
+                    );
+                    false
+                } else if *l > to_lsn {
+                    last_reason = format!(
+                        "target LSN {l} is beyond the archived WAL reachable from backup {} (ends at {to_lsn})",
+                        b.id
+                    );
+                    false
+                } else {
+                    true
+                }
+            }
+            _ => true,
+        };
+        if !ok {
+            if opts.backup.is_some() {
+                return Err(refuse(last_reason));
+            }
+            continue;
+        }
+        if let Some(gap) = &range.gap_at {
+            warnings.push(format!(
+                "WAL segment {gap} is missing: recovery cannot go past {}",
+                range.to_lsn.as_deref().unwrap_or("?")
+            ));
+        }
+        return Ok((b.clone(), tli, range, warnings));
+    }
+    Err(refuse(format!(
+        "no backup can reach {}: {last_reason}",
+        opts.target.describe()
+    )))
+}
+
+pub async fn restore(
+    cluster: &ClusterHandle,
+    opts: &RestoreOptions,
+) -> Result<RestoreOutcome, Error> {
+    let started = Instant::now();
+    let info = cluster.repo.read_info().await?;
+    let keyring = cluster.keyring(&info).await?;
+    let backups = cluster.repo.load_manifests(&info, &keyring).await?;
+    let idx = cluster.repo.archive_index(&info, &keyring).await?;
+    let mut ranges = idx.all_ranges(&backups);
+    cluster
+        .repo
+        .resolve_ranges(&info, &keyring, &mut ranges)
+        .await?;
+    let (backup, timeline, _range, warnings) = choose(&backups, &idx, &ranges, opts)?;
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    tracing::info!(backup = %backup.id, target = %opts.target.describe(), timeline, "restoring");
+
+    prepare_target(&opts.pgdata, opts.force)?;
+    let result = restore_files(cluster, &info, &keyring, &backup, opts).await;
+    let (files, bytes) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            // Never leave a half-restored directory that could be started.
+            clear_dir(&opts.pgdata);
+            return Err(e);
+        }
+    };
+    let download_ms = started.elapsed().as_millis() as u64;
+    if let Err(e) = write_recovery_config(cluster, &backup, timeline, opts) {
+        clear_dir(&opts.pgdata);
+        return Err(e);
+    }
+    if let Some(owner) = effective_owner(opts) {
+        chown_tree(&opts.pgdata, &owner, &backup, opts)?;
+    }
+    tracing::info!(backup = %backup.id, files, bytes, ms = download_ms, "files restored and verified");
+    let mut outcome = RestoreOutcome {
+        backup: backup.id.clone(),
+        pgdata: opts.pgdata.display().to_string(),
+        target: opts.target.describe(),
+        timeline: Some(timeline),
+        files,
+        bytes,
+        download_ms,
+        started: None,
+        warnings,
+    };
+    if let Some(start) = &opts.start {
+        outcome.started = Some(start_and_wait(cluster, &backup, opts, start, started).await?);
+    }
+    Ok(outcome)
+}
+
+fn prepare_target(pgdata: &Path, force: bool) -> Result<(), Error> {
+    match std::fs::read_dir(pgdata) {
+        Ok(mut rd) => {
+            if rd.next().is_some() {
+                if !force {
+                    return Err(Error::Usage(format!(
+                        "{} is not empty: restore into an empty or new directory (or pass --force to replace its contents)",
+                        pgdata.display()
+                    )));
+                }
+                if pgdata.join("postmaster.pid").exists() {
+                    return Err(Error::Usage(format!(
+                        "{} has a postmaster.pid: stop the server first; --force does not replace a running cluster",
+                        pgdata.display()
+                    )));
+                }
+                clear_dir(pgdata);
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(pgdata)
+                .map_err(|e| Error::LocalIo(format!("{}: {e}", pgdata.display())))?;
+        }
+        Err(e) => return Err(Error::LocalIo(format!("{}: {e}", pgdata.display()))),
+    }
+    std::fs::set_permissions(pgdata, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::LocalIo(format!("{}: {e}", pgdata.display())))
+}
+
+/// Removes the contents of a directory we restored into (not the directory itself).
+fn clear_dir(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            let _ = if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+    }
+}
+
+/// Maps a manifest path to where it goes: tablespace contents under their (remapped) location.
+struct PathMap {
+    pgdata: PathBuf,
+    tablespaces: HashMap<u32, PathBuf>,
+}
+
+impl PathMap {
+    fn new(backup: &BackupManifest, opts: &RestoreOptions) -> Result<PathMap, Error> {
+        let mut tablespaces = HashMap::new();
+        for t in &backup.tablespaces {
+            let mut loc = t.location.clone();
+            for (old, new) in &opts.tablespace_map {
+                if *old == loc {
+                    loc = new.clone();
+                }
+            }
+            tablespaces.insert(t.oid, PathBuf::from(loc));
+        }
+        Ok(PathMap {
+            pgdata: opts.pgdata.clone(),
+            tablespaces,
+        })
+    }
+
+    fn resolve(&self, path: &str) -> PathBuf {
+        if let Some(rest) = path.strip_prefix("pg_tblspc/") {
+            let (oid, sub) = rest.split_once('/').unwrap_or((rest, ""));
+            if let Some(loc) = oid
+                .parse::<u32>()
+                .ok()
+                .and_then(|o| self.tablespaces.get(&o))
+            {
+                return if sub.is_empty() {
+                    loc.clone()
+                } else {
+                    loc.join(sub)
+                };
+            }
+        }
+        self.pgdata.join(path)
+    }
+}
+
+async fn restore_files(
+    cluster: &ClusterHandle,
+    info: &crate::repo::ClusterInfo,
+    keyring: &Arc<crate::pipeline::Keyring>,
+    backup: &BackupManifest,
+    opts: &RestoreOptions,
+) -> Result<(usize, u64), Error> {
+    let map = Arc::new(PathMap::new(backup, opts)?);
+    // Directories (tablespace locations must be empty or new), then every file at its size.
+    for t in map.tablespaces.values() {
+        if let Ok(mut rd) = std::fs::read_dir(t)
+            && rd.next().is_some()
+            && !opts.force
+        {
+            return Err(Error::Usage(format!(
+                "tablespace location {} is not empty: map it elsewhere with --tablespace-map OLD=NEW",
+                t.display()
+            )));
+        }
+        std::fs::create_dir_all(t).map_err(|e| Error::LocalIo(format!("{}: {e}", t.display())))?;
+        std::fs::set_permissions(t, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::LocalIo(format!("{}: {e}", t.display())))?;
+    }
+    for d in &backup.directories {
+        if let Some(oid) = d
+            .path
+            .strip_prefix("pg_tblspc/")
+            .filter(|r| !r.contains('/'))
+        {
+            // The link itself: pg_tblspc/<oid> -> location.
+            if let Some(loc) = oid
+                .parse::<u32>()
+                .ok()
+                .and_then(|o| map.tablespaces.get(&o))
+            {
+                let link = opts.pgdata.join(&d.path);
+                std::os::unix::fs::symlink(loc, &link)
+                    .map_err(|e| Error::LocalIo(format!("{}: {e}", link.display())))?;
+                continue;
+            }
+        }
+        let p = map.resolve(&d.path);
+        std::fs::create_dir_all(&p).map_err(|e| Error::LocalIo(format!("{}: {e}", p.display())))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(dir_mode(d.mode)))
+            .map_err(|e| Error::LocalIo(format!("{}: {e}", p.display())))?;
+    }
+    let mut by_pack: HashMap<u32, Vec<ExtentTarget>> = HashMap::new();
+    let mut total = 0u64;
+    for f in &backup.files {
+        let p = map.resolve(&f.path);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .map_err(|e| Error::LocalIo(format!("{}: {e}", p.display())))?;
+        file.set_len(f.size)
+            .map_err(|e| Error::LocalIo(format!("{}: {e}", p.display())))?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(file_mode(f.mode)))
+            .map_err(|e| Error::LocalIo(format!("{}: {e}", p.display())))?;
+        let covered: u64 = f.extents.iter().map(|e| e.length).sum();
+        if covered != f.size {
+            return Err(Error::Integrity(format!(
+                "manifest of backup {}: extents of {} cover {covered} of {} bytes",
+                backup.id, f.path, f.size
+            )));
+        }
+        for e in &f.extents {
+            total += e.length;
+            by_pack.entry(e.pack).or_default().push(ExtentTarget {
+                manifest_path: f.path.clone(),
+                path: p.clone(),
+                pack_offset: e.pack_offset,
+                file_offset: e.file_offset,
+                length: e.length,
+                sha256: e.sha256.clone(),
+            });
+        }
+    }
+    let progress = Progress::start("restore", total);
+    let sem = Arc::new(tokio::sync::Semaphore::new(opts.parallelism.max(1)));
+    let mut set = JoinSet::new();
+    let mut packs: Vec<(u32, Vec<ExtentTarget>)> = by_pack.into_iter().collect();
+    packs.sort_by_key(|(id, _)| *id);
+    for (pack_id, mut extents) in packs {
+        extents.sort_by_key(|e| e.pack_offset);
+        let permit = sem
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        while let Some(done) = set.try_join_next() {
+            if let Err(e) = done
+                .map_err(|e| Error::Internal(e.to_string()))
+                .and_then(|r| r)
+            {
+                set.abort_all();
+                progress.finish().await;
+                return Err(e);
+            }
+        }
+        let store = cluster.repo.store().clone();
+        let obj = cluster
+            .repo
+            .object(info, BackupManifest::pack_name(&backup.id, pack_id));
+        let keyring = keyring.clone();
+        let counter = progress.counter();
+        let backup_id = backup.id.clone();
+        set.spawn(async move {
+            let _permit = permit;
+            let splitter = PackSplitter::new(extents, counter);
+            let (_, splitter) = transfer::get(&store, &obj, &keyring, false, splitter).await?;
+            splitter.finish().map_err(|e| {
+                Error::Integrity(format!(
+                    "backup {backup_id}, pack {pack_id} ({}): {e}",
+                    obj.key
+                ))
+            })
+        });
+    }
+    while let Some(done) = set.join_next().await {
+        if let Err(e) = done
+            .map_err(|e| Error::Internal(e.to_string()))
+            .and_then(|r| r)
+        {
+            set.abort_all();
+            progress.finish().await;
+            return Err(e);
+        }
+    }
+    progress.finish().await;
+    // Durability of the restored tree before it is handed to PostgreSQL.
+    let root = opts.pgdata.clone();
+    let _ = tokio::task::spawn_blocking(move || sync_tree(&root)).await;
+    Ok((backup.files.len(), total))
+}
+
+fn dir_mode(m: u32) -> u32 {
+    if m & 0o050 == 0o050 { 0o750 } else { 0o700 }
+}
+
+fn file_mode(m: u32) -> u32 {
+    if m & 0o040 != 0 { 0o640 } else { 0o600 }
+}
+
+fn sync_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => sync_tree(&p),
+                Ok(t) if t.is_file() => {
+                    if let Ok(f) = File::open(&p) {
+                        let _ = f.sync_all();
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if let Ok(f) = File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ExtentTarget {
+    manifest_path: String,
+    path: PathBuf,
+    pack_offset: u64,
+    file_offset: u64,
+    length: u64,
+    sha256: String,
+}
+
+/// Receives a pack's decoded content and writes each extent into its file at its offset,
+/// checking each extent's SHA-256 against the manifest.
+struct PackSplitter {
+    extents: Vec<ExtentTarget>,
+    idx: usize,
+    pos: u64,
+    done_in_extent: u64,
+    file: Option<File>,
+    hasher: Option<digest::Context>,
+    progress: Arc<AtomicU64>,
+}
+
+impl PackSplitter {
+    fn new(extents: Vec<ExtentTarget>, progress: Arc<AtomicU64>) -> PackSplitter {
+        PackSplitter {
+            extents,
+            idx: 0,
+            pos: 0,
+            done_in_extent: 0,
+            file: None,
+            hasher: None,
+            progress,
+        }
+    }
+
+    fn finish(self) -> Result<(), String> {
+        if self.idx < self.extents.len() {
+            return Err(format!(
+                "pack ended before the extent of {} at pack offset {}",
+                self.extents[self.idx].manifest_path, self.extents[self.idx].pack_offset
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Write for PackSplitter {
+    fn write(&mut self, mut data: &[u8]) -> io::Result<usize> {
+        let n = data.len();
+        while !data.is_empty() {
+            let Some(ext) = self.extents.get(self.idx) else {
+                // Bytes the manifest does not account for: other files' extents in the same pack
+                // are not expected, so this is a mismatch.
+                return Err(io::Error::other(
+                    "pack holds more bytes than the manifest lists",
+                ));
+            };
+            if self.pos < ext.pack_offset {
+                // Skip bytes no restored file needs (cannot happen with tidemark's packs).
+                let skip = (ext.pack_offset - self.pos).min(data.len() as u64) as usize;
+                data = &data[skip..];
+                self.pos += skip as u64;
+                continue;
+            }
+            if self.file.is_none() {
+                self.file = Some(
+                    OpenOptions::new()
+                        .write(true)
+                        .open(&ext.path)
+                        .map_err(|e| {
+                            io::Error::new(e.kind(), format!("{}: {e}", ext.path.display()))
+                        })?,
+                );
+                self.hasher = Some(digest::Context::new(&digest::SHA256));
+                self.done_in_extent = 0;
+            }
+            let take = ((ext.length - self.done_in_extent) as usize).min(data.len());
+            if let Some(f) = &self.file {
+                f.write_all_at(&data[..take], ext.file_offset + self.done_in_extent)?;
+            }
+            if let Some(h) = self.hasher.as_mut() {
+                h.update(&data[..take]);
+            }
+            self.done_in_extent += take as u64;
+            self.pos += take as u64;
+            self.progress.fetch_add(take as u64, Ordering::Relaxed);
+            data = &data[take..];
+            if self.done_in_extent == ext.length {
+                let got = self
+                    .hasher
+                    .take()
+                    .map(|h| hex::encode(h.finish()))
+                    .unwrap_or_default();
+                if got != ext.sha256 {
+                    return Err(io::Error::other(format!(
+                        "{}: checksum mismatch at offset {} ({} bytes): the backup is damaged",
+                        ext.manifest_path, ext.file_offset, ext.length
+                    )));
+                }
+                self.file = None;
+                self.idx += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Settings tidemark owns in postgresql.auto.conf; earlier values are removed first, so a
+/// backup of a restored cluster does not carry an old target into the next restore.
+const RECOVERY_KEYS: &[&str] = &[
+    "restore_command",
+    "recovery_target",
+    "recovery_target_time",
+    "recovery_target_lsn",
+    "recovery_target_xid",
+    "recovery_target_name",
+    "recovery_target_inclusive",
+    "recovery_target_timeline",
+    "recovery_target_action",
+    "archive_mode",
+];
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-=:".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!(
+            "\"{}\"",
+            s.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('$', "\\$")
+                .replace('`', "\\`")
+        )
+    }
+}
+
+fn write_recovery_config(
+    cluster: &ClusterHandle,
+    backup: &BackupManifest,
+    timeline: u32,
+    opts: &RestoreOptions,
+) -> Result<(), Error> {
+    let io_err = |p: &Path, e: io::Error| Error::LocalIo(format!("{}: {e}", p.display()));
+    let label = opts.pgdata.join("backup_label");
+    std::fs::write(&label, &backup.backup_label).map_err(|e| io_err(&label, e))?;
+    std::fs::set_permissions(&label, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| io_err(&label, e))?;
+
+    let exe = std::env::current_exe().map_err(|e| Error::Internal(format!("own path: {e}")))?;
+    let config = std::path::absolute(&opts.config_path).unwrap_or(opts.config_path.clone());
+    let restore_command = format!(
+        "{} --config {} --cluster {} wal-fetch %f %p",
+        shell_quote(&exe.display().to_string()),
+        shell_quote(&config.display().to_string()),
+        shell_quote(&cluster.name)
+    );
+    let mut lines = vec![
+        format!(
+            "# recovery settings written by tidemark restore of backup {} at {}",
+            backup.id,
+            Utc::now().to_rfc3339()
+        ),
+        format!("restore_command = {}", quote(&restore_command)),
+    ];
+    match &opts.target {
+        RecoveryTarget::Time(t) => lines.push(format!(
+            "recovery_target_time = {}",
+            quote(&t.format("%Y-%m-%d %H:%M:%S%.6f%:z").to_string())
+        )),
+        RecoveryTarget::Lsn(l) => {
+            lines.push(format!("recovery_target_lsn = {}", quote(&l.to_string())))
+        }
+        RecoveryTarget::Xid(x) => lines.push(format!("recovery_target_xid = {}", quote(x))),
+        RecoveryTarget::Name(n) => lines.push(format!("recovery_target_name = {}", quote(n))),
+        RecoveryTarget::Immediate => lines.push("recovery_target = 'immediate'".into()),
+        RecoveryTarget::Latest => {}
+    }
+    if matches!(
+        opts.target,
+        RecoveryTarget::Time(_) | RecoveryTarget::Lsn(_) | RecoveryTarget::Xid(_)
+    ) {
+        lines.push(format!("recovery_target_inclusive = {}", !opts.exclusive));
+    }
+    lines.push(format!(
+        "recovery_target_timeline = {}",
+        quote(&timeline.to_string())
+    ));
+    lines.push("recovery_target_action = 'promote'".into());
+    if opts.archive_mode == ArchiveMode::Off {
+        lines.push("archive_mode = 'off'".into());
+    }
+    let auto = opts.pgdata.join("postgresql.auto.conf");
+    let existing = std::fs::read_to_string(&auto).unwrap_or_default();
+    let kept: Vec<&str> = existing
+        .lines()
+        .filter(|l| {
+            let key = l.split('=').next().unwrap_or("").trim();
+            !RECOVERY_KEYS.contains(&key)
+                && !l.starts_with("# recovery settings written by tidemark")
+        })
+        .collect();
+    let mut text = kept.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    text.push_str(&lines.join("\n"));
+    text.push('\n');
+    std::fs::write(&auto, text).map_err(|e| io_err(&auto, e))?;
+    std::fs::set_permissions(&auto, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| io_err(&auto, e))?;
+    let signal = opts.pgdata.join("recovery.signal");
+    File::create(&signal).map_err(|e| io_err(&signal, e))?;
+    std::fs::set_permissions(&signal, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| io_err(&signal, e))?;
+    Ok(())
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+fn effective_owner(opts: &RestoreOptions) -> Option<String> {
+    match &opts.owner {
+        Some(o) => Some(o.clone()),
+        None if is_root() => Some("postgres".into()),
+        None => None,
+    }
+}
+
+fn user_ids(user: &str) -> Result<(u32, u32), Error> {
+    let out = std::process::Command::new("id")
+        .arg("-u")
+        .arg(user)
+        .output()
+        .map_err(|e| Error::LocalIo(format!("id: {e}")))?;
+    let gout = std::process::Command::new("id")
+        .arg("-g")
+        .arg(user)
+        .output()
+        .map_err(|e| Error::LocalIo(format!("id: {e}")))?;
+    if !out.status.success() || !gout.status.success() {
+        return Err(Error::Usage(format!("--owner {user}: no such OS user")));
+    }
+    let parse = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).trim().parse::<u32>();
+    match (parse(&out), parse(&gout)) {
+        (Ok(u), Ok(g)) => Ok((u, g)),
+        _ => Err(Error::Usage(format!("--owner {user}: cannot read its ids"))),
+    }
+}
+
+fn chown_tree(
+    pgdata: &Path,
+    owner: &str,
+    backup: &BackupManifest,
+    opts: &RestoreOptions,
+) -> Result<(), Error> {
+    let (uid, gid) = user_ids(owner)?;
+    fn walk(p: &Path, uid: u32, gid: u32) -> io::Result<()> {
+        std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;
+        let meta = std::fs::symlink_metadata(p)?;
+        if meta.is_dir() {
+            for e in std::fs::read_dir(p)? {
+                walk(&e?.path(), uid, gid)?;
+            }
+        }
+        Ok(())
+    }
+    walk(pgdata, uid, gid)
+        .map_err(|e| Error::LocalIo(format!("chown {}: {e}", pgdata.display())))?;
+    let map = PathMap::new(backup, opts)?;
+    for loc in map.tablespaces.values() {
+        walk(loc, uid, gid).map_err(|e| Error::LocalIo(format!("chown {}: {e}", loc.display())))?;
+    }
+    Ok(())
+}
+
+/// Finds pg_ctl for the backup's PostgreSQL major version.
+fn find_pg_bin(start: &StartOptions, backup: &BackupManifest) -> Result<PathBuf, Error> {
+    if let Some(b) = &start.pg_bin {
+        return Ok(b.clone());
+    }
+    let major = backup.pg_version_num / 10000;
+    for cand in [
+        format!("/usr/lib/postgresql/{major}/bin"),
+        format!("/opt/tidemark-pg/{major}/bin"),
+        format!("/usr/pgsql-{major}/bin"),
+    ] {
+        if Path::new(&cand).join("pg_ctl").exists() {
+            return Ok(PathBuf::from(cand));
+        }
+    }
+    Err(Error::Usage(format!(
+        "cannot find PostgreSQL {major}'s pg_ctl: pass --pg-bin DIR"
+    )))
+}
+
+async fn start_and_wait(
+    cluster: &ClusterHandle,
+    backup: &BackupManifest,
+    opts: &RestoreOptions,
+    start: &StartOptions,
+    restore_started: Instant,
+) -> Result<StartOutcome, Error> {
+    let bin = find_pg_bin(start, backup)?;
+    let log = opts.pgdata.join("tidemark-restore-start.log");
+    let mut pg_opts = Vec::new();
+    if let Some(p) = start.port {
+        pg_opts.push(format!("-p {p}"));
+    }
+    if let Some(d) = &start.socket_dir {
+        pg_opts.push(format!(
+            "-c unix_socket_directories='{}' -c listen_addresses=''",
+            d.display()
+        ));
+    }
+    let owner = effective_owner(opts);
+    let mut cmd = match &owner {
+        Some(u) if is_root() => {
+            let mut c = std::process::Command::new("runuser");
+            c.arg("-u").arg(u).arg("--").arg(bin.join("pg_ctl"));
+            c
+        }
+        _ => std::process::Command::new(bin.join("pg_ctl")),
+    };
+    cmd.arg("-D")
+        .arg(&opts.pgdata)
+        .arg("-l")
+        .arg(&log)
+        .arg("-W");
+    if !pg_opts.is_empty() {
+        cmd.arg("-o").arg(pg_opts.join(" "));
+    }
+    cmd.arg("start");
+    let recovery_started = Instant::now();
+    let out = cmd
+        .output()
+        .map_err(|e| Error::Recovery(format!("running pg_ctl: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Recovery(format!(
+            "pg_ctl start failed: {} {}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            log_tail(&log)
+        )));
+    }
+    // Connection parameters: the user and database of the cluster's connection string, the
+    // restored server's socket and port.
+    let conf = std::fs::read_to_string(opts.pgdata.join("postgresql.conf")).unwrap_or_default();
+    let port = start
+        .port
+        .or_else(|| conf_value(&conf, "port").and_then(|v| v.parse().ok()))
+        .unwrap_or(5432);
+    let socket_dir = start
+        .socket_dir
+        .clone()
+        .or_else(|| {
+            conf_value(&conf, "unix_socket_directories")
+                .map(|v| PathBuf::from(v.split(',').next().unwrap_or("").trim()))
+        })
+        .unwrap_or_else(|| PathBuf::from("/var/run/postgresql"));
+    let (user, dbname) = user_and_db(cluster);
+    let conninfo = format!(
+        "host={} port={port} user={user} dbname={dbname} connect_timeout=5",
+        socket_dir.display()
+    );
+    let deadline = Instant::now() + start.timeout;
+    let mut seen_running = false;
+    loop {
+        if Instant::now() > deadline {
+            return Err(Error::Recovery(format!(
+                "the restored server did not finish recovery within {:?} {}",
+                start.timeout,
+                log_tail(&log)
+            )));
+        }
+        // pg_ctl -W returns before the postmaster writes its pid file: give it time to
+        // appear, then treat its disappearance as the server having exited.
+        let running = postmaster_running(&opts.pgdata);
+        seen_running |= running;
+        if !running && (seen_running || recovery_started.elapsed() > Duration::from_secs(30)) {
+            return Err(Error::Recovery(format!(
+                "the restored server stopped during recovery (target not reachable?) {}",
+                log_tail(&log)
+            )));
+        }
+        if let Ok(client) = crate::pg::conn::connect(&conninfo).await
+            && let Ok(row) = client.query_one("select pg_is_in_recovery()", &[]).await
+        {
+            let in_recovery: bool = row.get(0);
+            if !in_recovery {
+                let row = client
+                    .query_one(
+                        "select pg_last_xact_replay_timestamp(), pg_last_wal_replay_lsn()::text, \
+                             (select timeline_id from pg_control_checkpoint())",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| Error::Postgres(e.to_string()))?;
+                let t: Option<DateTime<Utc>> = row.get(0);
+                let lsn: Option<String> = row.get(1);
+                let tli: Option<i32> = row.get(2);
+                return Ok(StartOutcome {
+                    restored_to_time: t,
+                    restored_to_lsn: lsn,
+                    timeline: tli.map(|t| t as u32),
+                    recovery_ms: recovery_started.elapsed().as_millis() as u64,
+                    total_ms: restore_started.elapsed().as_millis() as u64,
+                    port,
+                    socket_dir: socket_dir.display().to_string(),
+                });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether the postmaster of `pgdata` is alive (its pid file names a live process).
+fn postmaster_running(pgdata: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(pgdata.join("postmaster.pid")) else {
+        return false;
+    };
+    let Some(pid) = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<u32>().ok())
+    else {
+        return false;
+    };
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn user_and_db(cluster: &ClusterHandle) -> (String, String) {
+    use secrecy::ExposeSecret;
+    let mut user = "postgres".to_string();
+    let mut db = "postgres".to_string();
+    if let Some(c) = &cluster.config.connection
+        && let Ok(cfg) = c.expose_secret().parse::<tokio_postgres::Config>()
+    {
+        if let Some(u) = cfg.get_user() {
+            user = u.to_string();
+        }
+        if let Some(d) = cfg.get_dbname() {
+            db = d.to_string();
+        }
+    }
+    (user, db)
+}
+
+fn conf_value(conf: &str, key: &str) -> Option<String> {
+    conf.lines()
+        .filter_map(|l| l.split('#').next())
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| k.trim() == key)
+        .map(|(_, v)| v.trim().trim_matches('\'').to_string())
+        .next_back()
+}
+
+fn log_tail(log: &Path) -> String {
+    let s = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = s
+        .lines()
+        .filter(|l| l.contains("FATAL") || l.contains("ERROR") || l.contains("recovery"))
+        .collect();
+    let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
+    if tail.is_empty() {
+        format!("(see {})", log.display())
+    } else {
+        format!("(log {}: {tail})", log.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_time_needs_a_zone() {
+        assert!(parse_target_time("2026-11-27 09:41:07+00").is_ok());
+        assert!(parse_target_time("2026-11-27 09:41:07.123456+02:00").is_ok());
+        assert!(parse_target_time("2026-11-27T09:41:07Z").is_ok());
+        assert!(parse_target_time("2026-11-27 09:41:07").is_err());
+    }
+
+    #[test]
+    fn conf_values_last_wins() {
+        let c = "port = 5432\n#port = 1\nport=6000 # comment\nunix_socket_directories = '/tmp/x'\n";
+        assert_eq!(conf_value(c, "port").as_deref(), Some("6000"));
+        assert_eq!(
+            conf_value(c, "unix_socket_directories").as_deref(),
+            Some("/tmp/x")
+        );
+    }
+}
