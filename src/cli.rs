@@ -129,6 +129,22 @@ cluster; a second one exits 11)."
         #[arg(long)]
         label: Option<String>,
     },
+    /// Apply the retention policy: delete backups and WAL no longer needed
+    #[command(
+        long_about = "Apply the retention policy ([retention] / [clusters.NAME.retention]): keep \
+every backup that ended inside the recovery window, the newest one before it (so the window's \
+first moment stays restorable), at least min_backups backups, and all WAL from the oldest kept \
+backup on; delete the rest. --dry-run prints the plan and deletes nothing; a real run carries \
+out exactly that plan. Safe while wal-push and backups run."
+    )]
+    Expire {
+        /// Print what would be deleted, delete nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// List complete backups and the restorable window per timeline
     List {
         /// Print JSON
@@ -381,6 +397,66 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 out.stop_lsn,
                 out.stop_time.format("%Y-%m-%d %H:%M:%S%.3f+00")
             ))
+        }
+        Command::Expire { dry_run, json } => {
+            let cluster = open_cluster(&cli).await?;
+            let plan = tidemark::expire::plan(&cluster, chrono::Utc::now()).await?;
+            let outcome = if *dry_run {
+                tidemark::expire::ExpireOutcome {
+                    deleted_backups: 0,
+                    deleted_wal: 0,
+                    plan,
+                    dry_run: true,
+                    removed_incomplete: Vec::new(),
+                }
+            } else {
+                tidemark::expire::execute(&cluster, plan).await?
+            };
+            if *json {
+                return print_json(&outcome);
+            }
+            let p = &outcome.plan;
+            let verb = if outcome.dry_run {
+                "would delete"
+            } else {
+                "deleted"
+            };
+            let mut text = format!(
+                "cluster {}: recovery window {} (from {}), min_backups {}\nkeep {} backup(s): {}\n{verb} {} backup(s): {}\n{verb} {} WAL file(s), {}{}",
+                p.cluster,
+                humantime::format_duration(Duration::from_secs(p.recovery_window_secs)),
+                p.window_start.format("%Y-%m-%d %H:%M:%S+00"),
+                p.min_backups,
+                p.keep_backups.len(),
+                p.keep_backups.join(", "),
+                p.delete_backups.len(),
+                if p.delete_backups.is_empty() {
+                    "-".to_string()
+                } else {
+                    p.delete_backups.join(", ")
+                },
+                p.delete_wal.len(),
+                human_bytes(p.delete_wal_bytes),
+                p.wal_keep_from
+                    .as_ref()
+                    .map(|s| format!(" (WAL kept from {s})"))
+                    .unwrap_or_default()
+            );
+            for n in &p.notes {
+                text.push_str(&format!("\nnote: {n}"));
+            }
+            if !outcome.removed_incomplete.is_empty() {
+                text.push_str(&format!(
+                    "\nremoved leftovers of incomplete backups: {}",
+                    outcome.removed_incomplete.join(", ")
+                ));
+            }
+            if outcome.dry_run {
+                for k in &p.delete_wal {
+                    text.push_str(&format!("\n  {k}"));
+                }
+            }
+            println_out(&text)
         }
         Command::List { json } => {
             let cluster = open_cluster(&cli).await?;

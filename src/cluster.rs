@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::config::{ClusterConfig, Config};
+use crate::config::{ClusterConfig, Config, Retention};
 use crate::error::Error;
 use crate::pipeline::{EncodeOptions, Keyring, MasterKey};
 use crate::repo::{ClusterInfo, Repository};
@@ -14,6 +14,7 @@ pub struct ClusterHandle {
     pub config: ClusterConfig,
     pub repo: Repository,
     pub encode: EncodeOptions,
+    pub retention: Retention,
 }
 
 impl ClusterHandle {
@@ -34,10 +35,12 @@ impl ClusterHandle {
             .clusters
             .remove(&name)
             .ok_or_else(|| Error::Internal("cluster vanished from config".into()))?;
+        let retention = Retention::resolve(&config.retention, &cluster_config.retention);
         Ok(ClusterHandle {
             repo: Repository::new(store, &name),
             name,
             config: cluster_config,
+            retention,
             encode: EncodeOptions {
                 zstd_level: (level > 0).then_some(level),
                 ..EncodeOptions::default()

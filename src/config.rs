@@ -19,8 +19,46 @@ pub struct Config {
     pub repository: RepositoryConfig,
     #[serde(default)]
     pub compression: CompressionConfig,
+    /// Default retention of every cluster; a cluster's own [clusters.NAME.retention] keys win.
+    #[serde(default)]
+    pub retention: RetentionConfig,
     #[serde(default)]
     pub clusters: BTreeMap<String, ClusterConfig>,
+}
+
+/// How much history to keep. Missing keys fall back to the global [retention] section, then
+/// to the defaults (recovery_window 30 days, min_backups 2).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Every moment of this much recent history stays restorable.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub recovery_window: Option<Duration>,
+    /// Never keep fewer complete backups than this.
+    pub min_backups: Option<usize>,
+}
+
+/// Retention in force for one cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retention {
+    pub recovery_window: Duration,
+    pub min_backups: usize,
+}
+
+impl Retention {
+    pub fn resolve(global: &RetentionConfig, cluster: &RetentionConfig) -> Retention {
+        Retention {
+            recovery_window: cluster
+                .recovery_window
+                .or(global.recovery_window)
+                .unwrap_or(Duration::from_secs(30 * 86400)),
+            min_backups: cluster.min_backups.or(global.min_backups).unwrap_or(2),
+        }
+    }
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +115,8 @@ pub struct ClusterConfig {
     pub connection: Option<SecretString>,
     /// The cluster's master key file (32 bytes, mode 0600).
     pub key_file: PathBuf,
+    #[serde(default)]
+    pub retention: RetentionConfig,
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

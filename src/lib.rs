@@ -8,6 +8,7 @@ pub mod backup;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod expire;
 pub mod init;
 pub mod list;
 pub mod pg;

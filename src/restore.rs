@@ -553,8 +553,21 @@ async fn restore_files(
         let backup_id = backup.id.clone();
         set.spawn(async move {
             let _permit = permit;
-            let splitter = PackSplitter::new(extents, counter);
-            let (_, splitter) = transfer::get(&store, &obj, &keyring, false, splitter).await?;
+            // A stream that breaks mid-pack (the store's requests are retried, a broken
+            // download is not) is fetched again whole: extents are rewritten at their offsets
+            // and re-verified, so a retry cannot mix old and new bytes unchecked.
+            let mut attempt = 0;
+            let splitter = loop {
+                attempt += 1;
+                let splitter = PackSplitter::new(extents.clone(), counter.clone());
+                match transfer::get(&store, &obj, &keyring, false, splitter).await {
+                    Ok((_, s)) => break s,
+                    Err(transfer::TransferError::Store(e)) if e.is_retryable() && attempt < 3 => {
+                        tracing::warn!(pack = pack_id, attempt, error = %e, "pack download failed, retrying");
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
             splitter.finish().map_err(|e| {
                 Error::Integrity(format!(
                     "backup {backup_id}, pack {pack_id} ({}): {e}",

@@ -40,7 +40,9 @@ use super::{
 
 /// Part size of multipart uploads; objects up to this size go up in one PUT.
 pub const PART_SIZE: usize = 16 << 20;
-const MAX_INFLIGHT_PARTS: usize = 2;
+/// Parts uploading while the next one fills: with 16 MiB parts a writer holds at most 32 MiB,
+/// so a backup with 4 concurrent transfers stays far below 256 MiB.
+const MAX_INFLIGHT_PARTS: usize = 1;
 
 /// S3 connection settings from the configuration.
 #[derive(Clone, Default)]
