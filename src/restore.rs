@@ -310,11 +310,12 @@ pub async fn restore(
         .repo
         .resolve_ranges(&info, &keyring, &mut ranges)
         .await?;
-    let (backup, timeline, _range, warnings) = choose(&backups, &idx, &ranges, opts)?;
+    let (backup, timeline, range, warnings) = choose(&backups, &idx, &ranges, opts)?;
     for w in &warnings {
         tracing::warn!("{w}");
     }
     tracing::info!(backup = %backup.id, target = %opts.target.describe(), timeline, "restoring");
+    preflight_restore_command(cluster, opts, &backup)?;
 
     prepare_target(&opts.pgdata, opts.force)?;
     let result = restore_files(cluster, &info, &keyring, &backup, opts).await;
@@ -347,9 +348,81 @@ pub async fn restore(
         warnings,
     };
     if let Some(start) = &opts.start {
-        outcome.started = Some(start_and_wait(cluster, &backup, opts, start, started).await?);
+        let s = start_and_wait(cluster, &backup, opts, start, started).await?;
+        // PostgreSQL ends recovery quietly at the first WAL file restore_command cannot
+        // deliver. With no target, everything archived must have been replayed.
+        if opts.target == RecoveryTarget::Latest {
+            let reached: Option<Lsn> = s.restored_to_lsn.as_deref().and_then(|l| l.parse().ok());
+            let expected: Option<Lsn> = range.to_lsn.as_deref().and_then(|l| l.parse().ok());
+            if let (Some(reached), Some(expected)) = (reached, expected)
+                && reached < expected
+            {
+                return Err(Error::Recovery(format!(
+                    "recovery stopped at {reached}, before the end of the archived WAL ({expected}): \
+                         a WAL file could not be fetched; the server at {} was promoted short of the archive's end",
+                    opts.pgdata.display()
+                )));
+            }
+        }
+        outcome.started = Some(s);
     }
     Ok(outcome)
+}
+
+/// The restored server runs restore_command as its owner. When that is another user (restore
+/// run as root), check before downloading anything that this user can run tidemark with this
+/// config and key: otherwise every wal-fetch would fail and PostgreSQL would end recovery
+/// early, quietly.
+fn preflight_restore_command(
+    cluster: &ClusterHandle,
+    opts: &RestoreOptions,
+    backup: &BackupManifest,
+) -> Result<(), Error> {
+    let Some(owner) = effective_owner(opts) else {
+        return Ok(());
+    };
+    if !is_root() {
+        return Ok(());
+    }
+    let exe = std::env::current_exe().map_err(|e| Error::Internal(format!("own path: {e}")))?;
+    let config = std::path::absolute(&opts.config_path).unwrap_or(opts.config_path.clone());
+    // Fetch the backup's first WAL segment as that user into a scratch directory it owns:
+    // this exercises the binary, the config, the key file and the store.
+    let (uid, gid) = user_ids(&owner)?;
+    let mut rnd = [0u8; 6];
+    crate::pipeline::keys::random_bytes(&mut rnd)?;
+    let scratch = std::env::temp_dir().join(format!("tidemark-preflight-{}", hex::encode(rnd)));
+    std::fs::create_dir(&scratch)
+        .map_err(|e| Error::LocalIo(format!("{}: {e}", scratch.display())))?;
+    let _cleanup = ScratchDir(scratch.clone());
+    std::os::unix::fs::chown(&scratch, Some(uid), Some(gid))
+        .map_err(|e| Error::LocalIo(format!("{}: {e}", scratch.display())))?;
+    let out = std::process::Command::new("runuser")
+        .arg("-u")
+        .arg(&owner)
+        .arg("--")
+        .arg(&exe)
+        .arg("--config")
+        .arg(&config)
+        .arg("--cluster")
+        .arg(&cluster.name)
+        .arg("wal-fetch")
+        .arg(&backup.wal_start)
+        .arg(scratch.join("probe"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| Error::LocalIo(format!("runuser: {e}")))?;
+    match out.status.code() {
+        Some(0) => Ok(()),
+        _ => Err(Error::Usage(format!(
+            "the restored server would run restore_command as {owner}, and as {owner} \
+             `{} --config {} wal-fetch` fails: {} (make the binary, the config and the key file \
+             readable by {owner}, or pass --owner)",
+            exe.display(),
+            config.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))),
+    }
 }
 
 fn prepare_target(pgdata: &Path, force: bool) -> Result<(), Error> {
@@ -934,6 +1007,14 @@ fn chown_tree(
         walk(loc, uid, gid).map_err(|e| Error::LocalIo(format!("chown {}: {e}", loc.display())))?;
     }
     Ok(())
+}
+
+/// Removes a scratch directory when dropped.
+struct ScratchDir(PathBuf);
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Finds pg_ctl for the backup's PostgreSQL major version.

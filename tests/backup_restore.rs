@@ -512,7 +512,23 @@ async fn faults() {
     );
 
     // Two backups at once: the second is refused.
-    let first = as_user(tidemark_bin())
+    // The killed backup's session (and so its lock) ends when PostgreSQL notices the closed
+    // connection; wait for that, as an operator retrying would.
+    let c = st.pg.client().await;
+    let t = std::time::Instant::now();
+    loop {
+        let held: i64 = c
+            .query_one("select count(*) from pg_locks where locktype = 'advisory'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if held == 0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the killed backup's lock stays");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut first = as_user(tidemark_bin())
         .args(["--config", cfg, "backup", "--json", "--parallel", "1"])
         .current_dir(d)
         .stdout(std::process::Stdio::piped())
@@ -529,6 +545,10 @@ async fn faults() {
             t.elapsed() < Duration::from_secs(30),
             "first backup never started"
         );
+        if first.try_wait().unwrap().is_some() {
+            let out = first.wait_with_output().unwrap();
+            panic!("first backup ended early: {}", String::from_utf8_lossy(&out.stderr));
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
     tidemark(d, &["--config", cfg, "backup"]).fails_with(11, "another backup");
