@@ -129,6 +129,27 @@ cluster; a second one exits 11)."
         #[arg(long)]
         label: Option<String>,
     },
+    /// Health check for monitoring: exit 0 OK, 1 warning, 2 critical
+    #[command(
+        long_about = "Health check for monitoring systems (Nagios convention: exit 0 OK, 1 \
+warning, 2 critical; its own codes, not the table below). Checks: the repository is reachable \
+and writable, the master key opens the keyring, PostgreSQL is reachable and is the repository's \
+system, archive_mode is on and archive_command runs tidemark wal-push, a forced WAL switch \
+arrives in the repository (--no-switch skips it), archive lag against [alerts] \
+archive_lag_warning/archive_lag_critical, the newest backup's age against \
+backup_age_critical, no WAL gap inside the restorable window, free space where pg_wal lives."
+    )]
+    Check {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+        /// Do not force a WAL switch to test archiving end to end
+        #[arg(long)]
+        no_switch: bool,
+        /// How long to wait for the switched segment to arrive
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+        archive_timeout: Duration,
+    },
     /// Apply the retention policy: delete backups and WAL no longer needed
     #[command(
         long_about = "Apply the retention policy ([retention] / [clusters.NAME.retention]): keep \
@@ -273,6 +294,7 @@ pub fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(Error::CheckStatus(code)) => ExitCode::from(code),
         Err(Error::NotFound(msg)) => {
             // Expected during recovery: PostgreSQL probes for files beyond the archive's end.
             tracing::debug!("{msg}");
@@ -397,6 +419,60 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 out.stop_lsn,
                 out.stop_time.format("%Y-%m-%d %H:%M:%S%.3f+00")
             ))
+        }
+        Command::Check {
+            json,
+            no_switch,
+            archive_timeout,
+        } => {
+            let cluster = match open_cluster(&cli).await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Monitoring reads the exit code: a broken config is critical.
+                    println_out(&format!("TIDEMARK CRITICAL - {e}"))?;
+                    return Err(Error::CheckStatus(2));
+                }
+            };
+            let opts = tidemark::check::CheckOptions {
+                switch_wal: !no_switch,
+                archive_timeout: *archive_timeout,
+            };
+            let report = tidemark::check::check(&cluster, &opts).await;
+            if *json {
+                print_json(&report)?;
+            } else {
+                let worst: Vec<&str> = report
+                    .checks
+                    .iter()
+                    .filter(|c| {
+                        c.status == report.status && report.status != tidemark::check::Status::Ok
+                    })
+                    .map(|c| c.name)
+                    .collect();
+                let mut text = format!(
+                    "TIDEMARK {} - cluster {}: {}",
+                    report.status.label(),
+                    report.cluster,
+                    if worst.is_empty() {
+                        format!("{} checks passed", report.checks.len())
+                    } else {
+                        worst.join(", ")
+                    }
+                );
+                for c in &report.checks {
+                    text.push_str(&format!(
+                        "\n{:<8} {:<16} {}",
+                        c.status.label(),
+                        c.name,
+                        c.message
+                    ));
+                }
+                println_out(&text)?;
+            }
+            match report.status.exit_code() {
+                0 => Ok(()),
+                code => Err(Error::CheckStatus(code)),
+            }
         }
         Command::Expire { dry_run, json } => {
             let cluster = open_cluster(&cli).await?;

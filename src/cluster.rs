@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::config::{ClusterConfig, Config, Retention};
+use crate::config::{AlertsConfig, ClusterConfig, Config, Retention};
 use crate::error::Error;
 use crate::pipeline::{EncodeOptions, Keyring, MasterKey};
 use crate::repo::{ClusterInfo, Repository};
@@ -15,6 +15,7 @@ pub struct ClusterHandle {
     pub repo: Repository,
     pub encode: EncodeOptions,
     pub retention: Retention,
+    pub alerts: AlertsConfig,
 }
 
 impl ClusterHandle {
@@ -36,11 +37,13 @@ impl ClusterHandle {
             .remove(&name)
             .ok_or_else(|| Error::Internal("cluster vanished from config".into()))?;
         let retention = Retention::resolve(&config.retention, &cluster_config.retention);
+        let alerts = config.alerts.clone();
         Ok(ClusterHandle {
             repo: Repository::new(store, &name),
             name,
             config: cluster_config,
             retention,
+            alerts,
             encode: EncodeOptions {
                 zstd_level: (level > 0).then_some(level),
                 ..EncodeOptions::default()

@@ -22,8 +22,46 @@ pub struct Config {
     /// Default retention of every cluster; a cluster's own [clusters.NAME.retention] keys win.
     #[serde(default)]
     pub retention: RetentionConfig,
+    /// Thresholds of `tidemark check`.
+    #[serde(default)]
+    pub alerts: AlertsConfig,
     #[serde(default)]
     pub clusters: BTreeMap<String, ClusterConfig>,
+}
+
+/// Thresholds for `tidemark check` (and, later, the daemon's alerts).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// WAL waiting to be archived for longer than this is a warning...
+    #[serde(default = "default_lag_warning", deserialize_with = "duration")]
+    pub archive_lag_warning: Duration,
+    /// ...and for longer than this critical.
+    #[serde(default = "default_lag_critical", deserialize_with = "duration")]
+    pub archive_lag_critical: Duration,
+    /// The newest complete backup older than this is critical.
+    #[serde(default = "default_backup_age_critical", deserialize_with = "duration")]
+    pub backup_age_critical: Duration,
+}
+
+fn default_lag_warning() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_lag_critical() -> Duration {
+    Duration::from_secs(1800)
+}
+fn default_backup_age_critical() -> Duration {
+    Duration::from_secs(26 * 3600)
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            archive_lag_warning: default_lag_warning(),
+            archive_lag_critical: default_lag_critical(),
+            backup_age_critical: default_backup_age_critical(),
+        }
+    }
 }
 
 /// How much history to keep. Missing keys fall back to the global [retention] section, then

@@ -58,6 +58,9 @@ pub enum Error {
     Recovery(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// `check`'s Nagios status (1 warning, 2 critical), already reported on stdout.
+    #[error("check status {0}")]
+    CheckStatus(u8),
 }
 
 impl Error {
@@ -77,6 +80,7 @@ impl Error {
             Error::Wal(_) => 12,
             Error::Recovery(_) => 13,
             Error::Internal(_) => 70,
+            Error::CheckStatus(c) => *c,
         }
     }
 }

@@ -5,6 +5,7 @@
 //! `config`. See docs/architecture.md.
 
 pub mod backup;
+pub mod check;
 pub mod cluster;
 pub mod config;
 pub mod error;

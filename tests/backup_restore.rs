@@ -518,14 +518,20 @@ async fn faults() {
     let t = std::time::Instant::now();
     loop {
         let held: i64 = c
-            .query_one("select count(*) from pg_locks where locktype = 'advisory'", &[])
+            .query_one(
+                "select count(*) from pg_locks where locktype = 'advisory'",
+                &[],
+            )
             .await
             .unwrap()
             .get(0);
         if held == 0 {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "the killed backup's lock stays");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the killed backup's lock stays"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut first = as_user(tidemark_bin())
@@ -547,7 +553,10 @@ async fn faults() {
         );
         if first.try_wait().unwrap().is_some() {
             let out = first.wait_with_output().unwrap();
-            panic!("first backup ended early: {}", String::from_utf8_lossy(&out.stderr));
+            panic!(
+                "first backup ended early: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -1,0 +1,447 @@
+//! `tidemark check`: a health check for monitoring systems (Nagios convention: exit 0 OK,
+//! 1 warning, 2 critical). Every check runs, even after one failed, and reports one line.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::Utc;
+use secrecy::ExposeSecret;
+use serde::Serialize;
+
+use crate::cluster::ClusterHandle;
+use crate::pg::wal::{Lsn, WalFileName, segment_of};
+use crate::repo::walindex::summarise;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Warning,
+    Critical,
+}
+
+impl Status {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Status::Ok => 0,
+            Status::Warning => 1,
+            Status::Critical => 2,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Status::Ok => "OK",
+            Status::Warning => "WARNING",
+            Status::Critical => "CRITICAL",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    pub name: &'static str,
+    pub status: Status,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub cluster: String,
+    pub status: Status,
+    pub checks: Vec<CheckResult>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    /// Force a WAL switch and wait for the segment to arrive in the repository.
+    pub switch_wal: bool,
+    pub archive_timeout: Duration,
+}
+
+fn ok(name: &'static str, message: String) -> CheckResult {
+    CheckResult {
+        name,
+        status: Status::Ok,
+        message,
+        value: None,
+    }
+}
+fn warn(name: &'static str, message: String) -> CheckResult {
+    CheckResult {
+        name,
+        status: Status::Warning,
+        message,
+        value: None,
+    }
+}
+fn crit(name: &'static str, message: String) -> CheckResult {
+    CheckResult {
+        name,
+        status: Status::Critical,
+        message,
+        value: None,
+    }
+}
+
+pub async fn check(cluster: &ClusterHandle, opts: &CheckOptions) -> CheckReport {
+    let mut checks = Vec::new();
+    let store = cluster.repo.store();
+
+    // 1. Repository reachable, initialised and writable.
+    let info = match cluster.repo.read_info().await {
+        Ok(info) => Some(info),
+        Err(e) => {
+            checks.push(crit("repository", e.to_string()));
+            None
+        }
+    };
+    if info.is_some() {
+        let mut rnd = [0u8; 6];
+        let _ = crate::pipeline::keys::random_bytes(&mut rnd);
+        let probe = cluster
+            .repo
+            .key(&format!("check/probe-{}", hex::encode(rnd)));
+        let res = async {
+            store
+                .put_bytes(&probe, Bytes::from_static(b"tidemark check"))
+                .await?;
+            store.delete(&probe).await
+        }
+        .await;
+        checks.push(match res {
+            Ok(()) => ok(
+                "repository",
+                format!("{} reachable and writable", store.describe()),
+            ),
+            Err(e) => crit("repository", format!("not writable: {e}")),
+        });
+    }
+
+    // 2. Keys.
+    let keyring = match &info {
+        Some(info) => match cluster.keyring(info).await {
+            Ok(k) => {
+                checks.push(ok("keys", "master key opens the keyring".into()));
+                Some(k)
+            }
+            Err(e) => {
+                checks.push(crit("keys", e.to_string()));
+                None
+            }
+        },
+        None => None,
+    };
+
+    // 3. PostgreSQL.
+    let client = match &cluster.config.connection {
+        None => {
+            checks.push(warn(
+                "postgres",
+                format!(
+                    "clusters.{}.connection is not set: server checks skipped",
+                    cluster.name
+                ),
+            ));
+            None
+        }
+        Some(conninfo) => match crate::pg::conn::connect(conninfo.expose_secret()).await {
+            Err(e) => {
+                checks.push(crit("postgres", e));
+                None
+            }
+            Ok(c) => {
+                match (crate::pg::conn::identify(&c).await, &info) {
+                    (Ok(id), Some(info))
+                        if info.system_identifier().ok() != Some(id.system_identifier) =>
+                    {
+                        checks.push(crit(
+                            "postgres",
+                            format!(
+                                "server is system {}, the repository is for system {}",
+                                id.system_identifier, info.system_identifier
+                            ),
+                        ));
+                    }
+                    (Ok(id), _) => checks.push(ok(
+                        "postgres",
+                        format!("reachable, PostgreSQL {}", id.version_num),
+                    )),
+                    (Err(e), _) => checks.push(crit("postgres", e)),
+                }
+                Some(c)
+            }
+        },
+    };
+
+    // 4. archive_mode and archive_command.
+    let mut archiving_configured = false;
+    if let Some(c) = &client {
+        match c
+            .query_one(
+                "select current_setting('archive_mode'), current_setting('archive_command')",
+                &[],
+            )
+            .await
+        {
+            Ok(row) => {
+                let mode: String = row.get(0);
+                let cmd: String = row.get(1);
+                if mode == "off" {
+                    checks.push(crit(
+                        "archive_command",
+                        "archive_mode is off: no WAL is archived".into(),
+                    ));
+                } else if !(cmd.contains("tidemark")
+                    && cmd.contains("wal-push")
+                    && cmd.contains("%p"))
+                {
+                    checks.push(crit(
+                        "archive_command",
+                        format!(
+                            "archive_command does not run tidemark wal-push %p (it is {cmd:?})"
+                        ),
+                    ));
+                } else {
+                    checks.push(ok("archive_command", "runs tidemark wal-push".into()));
+                    archiving_configured = true;
+                }
+            }
+            Err(e) => checks.push(crit("archive_command", format!("reading settings: {e}"))),
+        }
+    }
+
+    // 5. End to end: force a WAL switch and wait for the segment in the repository.
+    if let (Some(c), Some(_), true, true) = (&client, &info, archiving_configured, opts.switch_wal)
+    {
+        checks.push(archive_end_to_end(cluster, c, opts.archive_timeout).await);
+    }
+
+    // 6. Archive lag.
+    if let Some(c) = &client {
+        checks.push(archive_lag(cluster, c).await);
+    }
+
+    // 7. Last backup age and 8. WAL gaps inside the window.
+    if let (Some(info), Some(keyring)) = (&info, &keyring) {
+        match cluster.repo.load_manifests(info, keyring).await {
+            Err(e) => checks.push(crit("backup", format!("reading backups: {e}"))),
+            Ok(backups) => {
+                match backups.iter().map(|b| b.stop_time).max() {
+                    None => checks.push(crit("backup", "no complete backup".into())),
+                    Some(t) => {
+                        let age = (Utc::now() - t).to_std().unwrap_or_default();
+                        let mut r = if age > cluster.alerts.backup_age_critical {
+                            crit(
+                                "backup",
+                                format!(
+                                    "newest backup ended {} ago (limit {})",
+                                    humantime::format_duration(round(age)),
+                                    humantime::format_duration(cluster.alerts.backup_age_critical)
+                                ),
+                            )
+                        } else {
+                            ok(
+                                "backup",
+                                format!(
+                                    "newest backup ended {} ago",
+                                    humantime::format_duration(round(age))
+                                ),
+                            )
+                        };
+                        r.value = Some(age.as_secs_f64());
+                        checks.push(r);
+                    }
+                }
+                match cluster.repo.list_wal().await {
+                    Err(e) => checks.push(crit("wal_gaps", e.to_string())),
+                    Ok((files, strays)) => {
+                        let ss = info.wal_segment_size;
+                        let oldest_start = backups
+                            .iter()
+                            .filter_map(|b| b.start_lsn.parse::<Lsn>().ok())
+                            .map(|l| segment_of(l, ss))
+                            .min();
+                        let summary = summarise(&files, strays, ss);
+                        let gaps: Vec<String> = summary
+                            .timelines
+                            .iter()
+                            .flat_map(|t| t.gaps.iter().map(move |g| (t.timeline, g)))
+                            .filter(|(_, g)| {
+                                let to = WalFileName::parse(&g.to).and_then(|f| f.segment_no(ss));
+                                match (oldest_start, to) {
+                                    (Some(start), Some(to)) => to >= start,
+                                    _ => true,
+                                }
+                            })
+                            .map(|(t, g)| format!("timeline {t}: {} .. {}", g.from, g.to))
+                            .collect();
+                        checks.push(if gaps.is_empty() {
+                            ok("wal_gaps", "no WAL gap inside the restorable window".into())
+                        } else {
+                            crit(
+                                "wal_gaps",
+                                format!(
+                                    "WAL missing inside the restorable window: {}",
+                                    gaps.join("; ")
+                                ),
+                            )
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    // 9. Free space where PostgreSQL writes WAL.
+    if let Some(pgdata) = &cluster.config.pgdata {
+        checks.push(pg_wal_space(&pgdata.join("pg_wal")));
+    }
+
+    let status = checks.iter().map(|c| c.status).max().unwrap_or(Status::Ok);
+    CheckReport {
+        cluster: cluster.name.clone(),
+        status,
+        checks,
+    }
+}
+
+fn round(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
+}
+
+async fn archive_end_to_end(
+    cluster: &ClusterHandle,
+    c: &tokio_postgres::Client,
+    timeout: Duration,
+) -> CheckResult {
+    // A WAL record, so the switch always completes a segment even on an idle server.
+    let switched = c
+        .query_one(
+            "select pg_walfile_name(pg_switch_wal()) from (select pg_logical_emit_message(false, 'tidemark', 'check')) m",
+            &[],
+        )
+        .await;
+    let name: String = match switched {
+        Ok(row) => row.get(0),
+        Err(e) => return crit("archive", format!("cannot switch WAL: {e}")),
+    };
+    let Some(f) = WalFileName::parse(&name) else {
+        return crit("archive", format!("unexpected segment name {name:?}"));
+    };
+    let key = cluster.repo.key(&format!("wal/{:08X}/{name}", f.timeline));
+    let started = Instant::now();
+    loop {
+        match cluster.repo.store().head(&key).await {
+            Ok(Some(_)) => {
+                let mut r = ok(
+                    "archive",
+                    format!(
+                        "forced WAL switch: {name} arrived in the repository in {:.1} s",
+                        started.elapsed().as_secs_f64()
+                    ),
+                );
+                r.value = Some(started.elapsed().as_secs_f64());
+                return r;
+            }
+            Ok(None) => {}
+            Err(e) => return crit("archive", format!("looking for {name}: {e}")),
+        }
+        if started.elapsed() > timeout {
+            return crit(
+                "archive",
+                format!(
+                    "forced WAL switch: {name} did not arrive in the repository within {} (see pg_stat_archiver and the server log)",
+                    humantime::format_duration(timeout)
+                ),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn archive_lag(cluster: &ClusterHandle, c: &tokio_postgres::Client) -> CheckResult {
+    let row = c
+        .query_one(
+            "select coalesce(extract(epoch from now() - min(modification)), 0)::float8, count(*) \
+             from pg_ls_archive_statusdir() where name like '%.ready'",
+            &[],
+        )
+        .await;
+    let (lag_secs, ready) = match row {
+        Ok(r) => (r.get::<_, f64>(0), r.get::<_, i64>(1)),
+        Err(e) => {
+            return warn(
+                "archive_lag",
+                format!("cannot read pg_wal/archive_status: {e}"),
+            );
+        }
+    };
+    let failing = c
+        .query_one(
+            "select coalesce(last_failed_wal, ''), \
+             coalesce(last_failed_time > coalesce(last_archived_time, '-infinity'), false) \
+             from pg_stat_archiver",
+            &[],
+        )
+        .await;
+    let failing_note = match &failing {
+        Ok(r) if r.get::<_, bool>(1) => format!(
+            "; archiving is failing (last failed {})",
+            r.get::<_, String>(0)
+        ),
+        _ => String::new(),
+    };
+    let lag = Duration::from_secs_f64(lag_secs.max(0.0));
+    let msg = format!(
+        "{ready} segment(s) waiting, oldest for {}{failing_note}",
+        humantime::format_duration(round(lag))
+    );
+    let mut r = if lag > cluster.alerts.archive_lag_critical {
+        crit("archive_lag", msg)
+    } else if lag > cluster.alerts.archive_lag_warning || (!failing_note.is_empty() && ready > 0) {
+        warn("archive_lag", msg)
+    } else {
+        ok("archive_lag", msg)
+    };
+    r.value = Some(lag_secs.max(0.0));
+    r
+}
+
+fn pg_wal_space(dir: &std::path::Path) -> CheckResult {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return warn("pg_wal_space", format!("{}: bad path", dir.display()));
+    };
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid C string and `st` a writable statvfs for the call.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return warn(
+            "pg_wal_space",
+            format!("{}: {}", dir.display(), std::io::Error::last_os_error()),
+        );
+    }
+    let total = st.f_blocks as f64 * st.f_frsize as f64;
+    let free = st.f_bavail as f64 * st.f_frsize as f64;
+    let pct = if total > 0.0 {
+        100.0 * free / total
+    } else {
+        100.0
+    };
+    let msg = format!(
+        "{:.1}% free ({:.1} GiB) where pg_wal lives",
+        pct,
+        free / (1u64 << 30) as f64
+    );
+    let mut r = if pct < 5.0 {
+        crit("pg_wal_space", msg)
+    } else if pct < 10.0 {
+        warn("pg_wal_space", msg)
+    } else {
+        ok("pg_wal_space", msg)
+    };
+    r.value = Some(pct);
+    r
+}
