@@ -2,13 +2,16 @@
 //!
 //! ```text
 //! cargo run --release --example bench_pipeline -- [--reps N] [--piece-mib M] \
-//!     --rel RELATION_FILES... --wal WAL_SEGMENTS...
+//!     --rel RELATION_FILES... --wal WAL_SEGMENTS... [--group NAME FILES...]...
 //! ```
 //!
 //! The files are read into memory once, so only CPU work is measured (no disk, no store). Each
-//! group (relation files, WAL segments) is measured separately:
+//! group (relation files, WAL segments, any further `--group`) is measured separately:
 //!
-//! - (a) plain zstd level 3, `zstd::stream::write::Encoder` (the baseline);
+//! - (a) plain zstd level 3, `zstd::stream::write::Encoder` (the baseline: the same streaming
+//!   API tidemark uses);
+//! - (a') plain zstd level 3 in one call with the whole input (`ZSTD_compress`, size known, no
+//!   window buffer copy: what `zstd -b3` measures);
 //! - (b) `tidemark::pipeline::encode`: zstd level 3, then AES-256-GCM in 1 MiB chunks;
 //! - (c) plain zstd decompression, `zstd::stream::read::Decoder`;
 //! - (d) `tidemark::pipeline::decode`;
@@ -22,10 +25,12 @@
 //! relation file does not leave the second thread idle; zstd level 3 uses a window of at most
 //! 2 MiB, so the cut does not change the ratio measurably. WAL segments (16 MiB) stay whole.
 //!
-//! Each measurement is repeated `--reps` times (default 5) after one untimed warm-up run; the
-//! table shows the MEDIAN wall time as MB/s (10^6 bytes of ORIGINAL data per second, also for
-//! decoding and for AES), with the best run in brackets. "Overhead" compares median times:
-//! (t_tidemark / t_zstd - 1) × 100.
+//! Each measurement is repeated `--reps` times (default 5) after one untimed warm-up run, the
+//! operations interleaved within each repetition (a a' b c d e e, a a' b c d e e, ...) so that a
+//! change in background load does not favour one of them. The table shows the MEDIAN wall time
+//! as MB/s (10^6 bytes of ORIGINAL data per second, also for decoding and for AES), with the
+//! best run in brackets. "Overhead" compares median times, (t_tidemark / t_zstd - 1) × 100;
+//! the `summary:` line also has it for the best times.
 //!
 //! Lines starting with `summary:` are meant for scripts (scripts/bench-pipeline).
 
@@ -47,30 +52,49 @@ const AES_CHUNK: usize = 1 << CHUNK_SHIFT;
 const IO_BUF: usize = 256 * 1024;
 const REPO: &str = "bench-repo";
 
+/// A named set of input files, measured (and reported) on its own.
+struct FileSet {
+    /// Short name, also used in the `summary:` lines.
+    key: String,
+    label: String,
+    paths: Vec<PathBuf>,
+}
+
 struct Args {
-    rel: Vec<PathBuf>,
-    wal: Vec<PathBuf>,
+    sets: Vec<FileSet>,
     reps: usize,
     piece: usize,
 }
 
 fn usage() -> String {
-    "usage: bench_pipeline [--reps N] [--piece-mib M] --rel FILES... --wal FILES...".to_string()
+    "usage: bench_pipeline [--reps N] [--piece-mib M] --rel FILES... --wal FILES... \
+     [--group NAME FILES...]..."
+        .to_string()
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
-        rel: Vec::new(),
-        wal: Vec::new(),
+        sets: Vec::new(),
         reps: 5,
         piece: 32 << 20,
     };
-    let mut group: Option<bool> = None; // Some(true): --rel, Some(false): --wal
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
+        let new_set = |key: &str, label: &str| FileSet {
+            key: key.to_string(),
+            label: label.to_string(),
+            paths: Vec::new(),
+        };
         match a.as_str() {
-            "--rel" => group = Some(true),
-            "--wal" => group = Some(false),
+            "--rel" => args.sets.push(new_set("rel", "relation files")),
+            "--wal" => args.sets.push(new_set("wal", "WAL segments")),
+            "--group" => {
+                let name = it
+                    .next()
+                    .filter(|n| !n.is_empty() && !n.contains(char::is_whitespace))
+                    .ok_or_else(|| format!("--group needs a NAME\n{}", usage()))?;
+                args.sets.push(new_set(&name, &name));
+            }
             "--reps" | "--piece-mib" => {
                 let v: usize = it
                     .next()
@@ -85,14 +109,19 @@ fn parse_args() -> Result<Args, String> {
             }
             "-h" | "--help" => return Err(usage()),
             _ if a.starts_with("--") => return Err(format!("unknown option {a}\n{}", usage())),
-            _ => match group {
-                Some(true) => args.rel.push(a.into()),
-                Some(false) => args.wal.push(a.into()),
-                None => return Err(format!("{a}: say --rel or --wal first\n{}", usage())),
+            _ => match args.sets.last_mut() {
+                Some(set) => set.paths.push(a.into()),
+                None => {
+                    return Err(format!(
+                        "{a}: say --rel, --wal or --group first\n{}",
+                        usage()
+                    ));
+                }
             },
         }
     }
-    if args.rel.is_empty() && args.wal.is_empty() {
+    args.sets.retain(|s| !s.paths.is_empty());
+    if args.sets.is_empty() {
         return Err(usage());
     }
     Ok(args)
@@ -145,6 +174,7 @@ fn tidemark_opts() -> EncodeOptions {
         zstd_level: Some(ZSTD_LEVEL),
         chunk_shift: CHUNK_SHIFT,
         sha256: false,
+        zstd_workers: 0,
     }
 }
 
@@ -190,49 +220,168 @@ fn split(sizes: &[u64], n: usize) -> Vec<Vec<usize>> {
     buckets.into_iter().map(|b| b.1).collect()
 }
 
-/// Runs `work` over every item, the items split across `threads` threads, `reps` timed times
-/// after one warm-up. `prepare` builds each thread's private state from its items (untimed).
-/// Returns the wall time of every timed repetition.
-fn measure<T, S, P, W>(
-    items: &[T],
-    sizes: &[u64],
-    threads: usize,
-    reps: usize,
-    prepare: P,
-    work: W,
-) -> Vec<Duration>
-where
-    T: Sync,
-    P: Fn(&[(usize, &T)]) -> S + Sync,
-    W: Fn(&mut S) + Sync,
-{
-    let buckets = split(sizes, threads);
-    let start = Barrier::new(threads + 1);
-    let end = Barrier::new(threads + 1);
-    let mut times = Vec::with_capacity(reps);
-    std::thread::scope(|s| {
-        for b in &buckets {
-            let (start, end, prepare, work) = (&start, &end, &prepare, &work);
-            let mine: Vec<(usize, &T)> = b.iter().map(|&i| (i, &items[i])).collect();
-            s.spawn(move || {
-                let mut state = prepare(&mine);
-                for _ in 0..=reps {
-                    start.wait();
-                    work(&mut state);
-                    end.wait();
-                }
-            });
-        }
-        for rep in 0..=reps {
-            start.wait();
-            let t = Instant::now();
-            end.wait();
-            if rep > 0 {
-                times.push(t.elapsed()); // rep 0 is the warm-up
+/// The measured operations, in table order: (label, key in the `summary:` line).
+const OPS: [(&str, &str); 7] = [
+    ("(a) zstd -3 compress, stream (zstd crate)", "zstd_enc"),
+    ("(a') zstd -3 compress, one-shot (bulk)", "zstd_bulk"),
+    ("(b) tidemark encode (zstd-3 + GCM)", "tm_enc"),
+    ("(c) zstd decompress (zstd crate)", "zstd_dec"),
+    ("(d) tidemark decode", "tm_dec"),
+    ("(e) AES-256-GCM seal 1 MiB: aws-lc-rs", "awslc_gcm"),
+    ("(e) AES-256-GCM seal 1 MiB: aes-gcm 0.11", "aesgcm"),
+];
+const ZSTD_ENC: usize = 0;
+const ZSTD_BULK: usize = 1;
+const TM_ENC: usize = 2;
+const ZSTD_DEC: usize = 3;
+const TM_DEC: usize = 4;
+const AWS_LC: usize = 5;
+const RUST_CRYPTO: usize = 6;
+
+/// What every operation reads (shared by the threads).
+struct Inputs<'a> {
+    items: &'a [Vec<u8>],
+    names: Vec<String>,
+    /// Plain zstd frames of the items (input of (c)).
+    frames: Vec<Vec<u8>>,
+    /// tidemark objects of the items (input of (d)).
+    objects: Vec<Vec<u8>>,
+    ring: &'a Keyring,
+    aws_lc: LessSafeKey,
+    rust_crypto: aes_gcm::Aes256Gcm,
+}
+
+/// One thread's share: its items, and its own copies of them that (e) seals in place (the same
+/// buffers again on every repetition: AES-GCM throughput does not depend on the plaintext).
+struct Share {
+    items: Vec<usize>,
+    own: Vec<Vec<u8>>,
+    /// Output buffer of the one-shot compression, large enough for its largest item.
+    bulk_out: Vec<u8>,
+}
+
+fn run_op(op: usize, inp: &Inputs<'_>, share: &mut Share) {
+    match op {
+        ZSTD_ENC => {
+            for &i in &share.items {
+                zstd_compress(&inp.items[i], Counter::default()).unwrap();
             }
         }
+        ZSTD_BULK => {
+            // One call with the whole input: the source size is known up front and there is no
+            // streaming window buffer (what `zstd -b3` measures).
+            for &i in &share.items {
+                let d = &inp.items[i];
+                let n = zstd::zstd_safe::compress(&mut share.bulk_out[..], d, ZSTD_LEVEL).unwrap();
+                std::hint::black_box(n);
+            }
+        }
+        TM_ENC => {
+            for &i in &share.items {
+                let mut sink = 0usize;
+                tidemark_encode(inp.ring, &inp.names[i], &inp.items[i], |c| sink += c.len());
+                std::hint::black_box(sink);
+            }
+        }
+        ZSTD_DEC => {
+            for &i in &share.items {
+                zstd_decompress(&inp.frames[i], &mut Counter::default()).unwrap();
+            }
+        }
+        TM_DEC => {
+            for &i in &share.items {
+                tidemark_decode(
+                    inp.ring,
+                    &inp.names[i],
+                    &inp.objects[i],
+                    &mut Counter::default(),
+                );
+            }
+        }
+        AWS_LC | RUST_CRYPTO => {
+            let mut counter = 0u32;
+            for chunk in share.own.iter_mut().flat_map(|b| b.chunks_mut(AES_CHUNK)) {
+                let mut nonce = [0u8; NONCE_LEN];
+                nonce[8..].copy_from_slice(&counter.to_be_bytes());
+                counter = counter.wrapping_add(1);
+                if op == AWS_LC {
+                    let tag = inp
+                        .aws_lc
+                        .seal_in_place_separate_tag(
+                            Nonce::assume_unique_for_key(nonce),
+                            Aad::empty(),
+                            chunk,
+                        )
+                        .unwrap();
+                    std::hint::black_box(&tag);
+                } else {
+                    let tag = inp
+                        .rust_crypto
+                        .encrypt_inout_detached(&nonce.into(), b"", chunk.into())
+                        .unwrap();
+                    std::hint::black_box(&tag);
+                }
+            }
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// Runs every operation over all items, the items split across `threads` threads: `reps` timed
+/// repetitions after one warm-up. Within a repetition the operations run one after the other
+/// (interleaved), so a change in background load hits all of them alike instead of one.
+/// Returns, per operation, the wall time of every timed repetition: from the first thread's
+/// start to the last thread's end. (Each thread reads the clock itself: a coordinating thread
+/// may be scheduled late on a busy machine and would miss part of the work.)
+fn measure(inp: &Inputs<'_>, threads: usize, reps: usize) -> Vec<Vec<Duration>> {
+    let sizes: Vec<u64> = inp.items.iter().map(|d| d.len() as u64).collect();
+    let buckets = split(&sizes, threads);
+    let start = Barrier::new(threads);
+    // spans[thread][rep][op]
+    let spans: Vec<Vec<Vec<(Instant, Instant)>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = buckets
+            .into_iter()
+            .map(|items| {
+                let start = &start;
+                s.spawn(move || {
+                    let own: Vec<Vec<u8>> = items.iter().map(|&i| inp.items[i].clone()).collect();
+                    let largest = own.iter().map(Vec::len).max().unwrap_or(0);
+                    let bulk_out = vec![0u8; zstd::zstd_safe::compress_bound(largest)];
+                    let mut share = Share {
+                        items,
+                        own,
+                        bulk_out,
+                    };
+                    (0..=reps)
+                        .map(|_| {
+                            (0..OPS.len())
+                                .map(|op| {
+                                    // Everyone waits for the slowest thread of the previous op.
+                                    start.wait();
+                                    let t = Instant::now();
+                                    run_op(op, inp, &mut share);
+                                    (t, Instant::now())
+                                })
+                                .collect()
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    times
+    (0..OPS.len())
+        .map(|op| {
+            // Repetition 0 is the warm-up.
+            (1..=reps)
+                .map(|r| {
+                    let first = spans.iter().map(|s| s[r][op].0).min().unwrap();
+                    let last = spans.iter().map(|s| s[r][op].1).max().unwrap();
+                    last - first
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// Median and best of a set of wall times.
@@ -266,18 +415,18 @@ struct Row {
 }
 
 struct Group {
-    label: &'static str,
-    key: &'static str,
+    label: String,
+    key: String,
     files: usize,
     /// Work items (file pieces).
     items: Vec<Vec<u8>>,
     total: u64,
 }
 
-fn load(label: &'static str, key: &'static str, paths: &[PathBuf], piece: usize) -> Group {
+fn load(set: &FileSet, piece: usize) -> Group {
     let mut items = Vec::new();
     let mut total = 0u64;
-    for p in paths {
+    for p in &set.paths {
         let data = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         total += data.len() as u64;
         if data.len() <= piece {
@@ -287,16 +436,15 @@ fn load(label: &'static str, key: &'static str, paths: &[PathBuf], piece: usize)
         }
     }
     Group {
-        label,
-        key,
-        files: paths.len(),
+        label: set.label.clone(),
+        key: set.key.clone(),
+        files: set.paths.len(),
         items,
         total,
     }
 }
 
 fn bench_group(g: &Group, ring: &Keyring, reps: usize) -> Vec<Row> {
-    let sizes: Vec<u64> = g.items.iter().map(|d| d.len() as u64).collect();
     let names: Vec<String> = (0..g.items.len()).map(object_name).collect();
 
     // Untimed inputs for decoding, checked once for a correct round trip.
@@ -343,104 +491,25 @@ fn bench_group(g: &Group, ring: &Keyring, reps: usize) -> Vec<Row> {
         (tm_bytes as f64 / zstd_bytes as f64 - 1.0) * 100.0
     );
 
-    let both = |f: &dyn Fn(usize) -> Vec<Duration>| [Timing::of(f(1)), Timing::of(f(2))];
-    let idx = |mine: &[(usize, &Vec<u8>)]| -> Vec<usize> { mine.iter().map(|m| m.0).collect() };
-
-    let mut rows = Vec::new();
-    rows.push(Row {
-        label: "(a) zstd -3 compress (zstd crate)",
-        t: both(&|n| {
-            measure(&g.items, &sizes, n, reps, idx, |mine| {
-                for &i in mine.iter() {
-                    zstd_compress(&g.items[i], Counter::default()).unwrap();
-                }
-            })
-        }),
-    });
-    rows.push(Row {
-        label: "(b) tidemark encode (zstd-3 + GCM)",
-        t: both(&|n| {
-            measure(&g.items, &sizes, n, reps, idx, |mine| {
-                for &i in mine.iter() {
-                    let mut sink = 0usize;
-                    tidemark_encode(ring, &names[i], &g.items[i], |c| sink += c.len());
-                    std::hint::black_box(sink);
-                }
-            })
-        }),
-    });
-    rows.push(Row {
-        label: "(c) zstd decompress (zstd crate)",
-        t: both(&|n| {
-            measure(&g.items, &sizes, n, reps, idx, |mine| {
-                for &i in mine.iter() {
-                    zstd_decompress(&frames[i], &mut Counter::default()).unwrap();
-                }
-            })
-        }),
-    });
-    rows.push(Row {
-        label: "(d) tidemark decode",
-        t: both(&|n| {
-            measure(&g.items, &sizes, n, reps, idx, |mine| {
-                for &i in mine.iter() {
-                    tidemark_decode(ring, &names[i], &objects[i], &mut Counter::default());
-                }
-            })
-        }),
-    });
-
-    // (e): each thread seals its own copy of its items in place, 1 MiB at a time (the same
-    // buffers again on every repetition: throughput does not depend on the plaintext).
-    let own = |mine: &[(usize, &Vec<u8>)]| -> Vec<Vec<u8>> {
-        mine.iter().map(|(_, d)| d.to_vec()).collect()
-    };
     let key_bytes = [0x5au8; 32];
-    rows.push(Row {
-        label: "(e) AES-256-GCM seal 1 MiB: aws-lc-rs",
-        t: both(&|n| {
-            let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key_bytes).unwrap());
-            measure(&g.items, &sizes, n, reps, own, |bufs| {
-                let mut counter = 0u32;
-                for b in bufs.iter_mut() {
-                    for chunk in b.chunks_mut(AES_CHUNK) {
-                        let mut nonce = [0u8; NONCE_LEN];
-                        nonce[8..].copy_from_slice(&counter.to_be_bytes());
-                        counter = counter.wrapping_add(1);
-                        let tag = key
-                            .seal_in_place_separate_tag(
-                                Nonce::assume_unique_for_key(nonce),
-                                Aad::empty(),
-                                chunk,
-                            )
-                            .unwrap();
-                        std::hint::black_box(tag);
-                    }
-                }
-            })
-        }),
-    });
-    rows.push(Row {
-        label: "(e) AES-256-GCM seal 1 MiB: aes-gcm 0.11",
-        t: both(&|n| {
-            let cipher = aes_gcm::Aes256Gcm::new(&key_bytes.into());
-            measure(&g.items, &sizes, n, reps, own, |bufs| {
-                let mut counter = 0u32;
-                for b in bufs.iter_mut() {
-                    for chunk in b.chunks_mut(AES_CHUNK) {
-                        let mut nonce = [0u8; 12];
-                        nonce[8..].copy_from_slice(&counter.to_be_bytes());
-                        counter = counter.wrapping_add(1);
-                        let tag = cipher
-                            .encrypt_inout_detached(&nonce.into(), b"", chunk.into())
-                            .unwrap();
-                        std::hint::black_box(tag);
-                    }
-                }
-            })
-        }),
-    });
-    rows
+    let inp = Inputs {
+        items: &g.items,
+        names,
+        frames,
+        objects,
+        ring,
+        aws_lc: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key_bytes).unwrap()),
+        rust_crypto: aes_gcm::Aes256Gcm::new(&key_bytes.into()),
+    };
+    let one = measure(&inp, 1, reps);
+    let two = measure(&inp, 2, reps);
+    OPS.iter()
+        .zip(one.into_iter().zip(two))
+        .map(|((label, _), (a, b))| Row {
+            label,
+            t: [Timing::of(a), Timing::of(b)],
+        })
+        .collect()
 }
 
 fn print_table(g: &Group, rows: &[Row]) {
@@ -451,47 +520,55 @@ fn print_table(g: &Group, rows: &[Row]) {
             Timing::mbps(t.best, g.total)
         )
     };
+    // Time overhead of row `i` over row `base`, in %, from the median or the best times.
+    let pct = |i: usize, base: usize, k: usize, f: fn(&Timing) -> Duration| {
+        (f(&rows[i].t[k]).as_secs_f64() / f(&rows[base].t[k]).as_secs_f64() - 1.0) * 100.0
+    };
     println!(
         "{:<42} {:>17} {:>17}",
         "MB/s of original bytes: median [best]", "1 thread", "2 threads"
     );
-    for r in rows {
+    for (i, r) in rows.iter().enumerate() {
         println!("{:<42} {} {}", r.label, mbps(r.t[0]), mbps(r.t[1]));
-        if r.label.starts_with("(b)") || r.label.starts_with("(d)") {
-            let base = &rows[if r.label.starts_with("(b)") { 0 } else { 2 }];
-            let over = |k: usize| {
-                (r.t[k].median.as_secs_f64() / base.t[k].median.as_secs_f64() - 1.0) * 100.0
-            };
+        let bases: &[(usize, &str)] = match i {
+            TM_ENC => &[(ZSTD_ENC, "stream (a)"), (ZSTD_BULK, "one-shot (a')")],
+            TM_DEC => &[(ZSTD_DEC, "(c)")],
+            _ => &[],
+        };
+        for &(base, name) in bases {
             println!(
                 "{:<42} {:>16.1}% {:>16.1}%",
-                "    tidemark time overhead vs plain zstd",
-                over(0),
-                over(1)
+                format!("    tidemark time overhead vs {name}"),
+                pct(i, base, 0, |t| t.median),
+                pct(i, base, 1, |t| t.median)
             );
         }
     }
-    let m = |i: usize, k: usize| Timing::mbps(rows[i].t[k].median, g.total);
-    let over = |i: usize, b: usize, k: usize| {
-        (rows[i].t[k].median.as_secs_f64() / rows[b].t[k].median.as_secs_f64() - 1.0) * 100.0
-    };
-    println!(
-        "summary: {} bytes={} zstd_enc_1t={:.1} tm_enc_1t={:.1} enc_overhead_1t_pct={:.1} \
-         zstd_enc_2t={:.1} tm_enc_2t={:.1} enc_overhead_2t_pct={:.1} zstd_dec_1t={:.1} \
-         tm_dec_1t={:.1} dec_overhead_1t_pct={:.1} awslc_gcm_1t={:.1} aesgcm_1t={:.1}",
-        g.key,
-        g.total,
-        m(0, 0),
-        m(1, 0),
-        over(1, 0, 0),
-        m(0, 1),
-        m(1, 1),
-        over(1, 0, 1),
-        m(2, 0),
-        m(3, 0),
-        over(3, 2, 0),
-        m(4, 0),
-        m(5, 0),
-    );
+    // Machine-readable: every figure, median and best, plus the overheads both ways.
+    let mut line = format!("summary: {} bytes={}", g.key, g.total);
+    for (r, (_, key)) in rows.iter().zip(OPS) {
+        for (k, th) in ["1t", "2t"].iter().enumerate() {
+            line.push_str(&format!(
+                " {key}_{th}={:.1} {key}_{th}_best={:.1}",
+                Timing::mbps(r.t[k].median, g.total),
+                Timing::mbps(r.t[k].best, g.total)
+            ));
+        }
+    }
+    for (name, i, base) in [
+        ("enc", TM_ENC, ZSTD_ENC),
+        ("enc_bulk", TM_ENC, ZSTD_BULK),
+        ("dec", TM_DEC, ZSTD_DEC),
+    ] {
+        for (k, th) in ["1t", "2t"].iter().enumerate() {
+            line.push_str(&format!(
+                " {name}_overhead_{th}_pct={:.1} {name}_overhead_{th}_best_pct={:.1}",
+                pct(i, base, k, |t| t.median),
+                pct(i, base, k, |t| t.best)
+            ));
+        }
+    }
+    println!("{line}");
 }
 
 fn main() -> ExitCode {
@@ -510,14 +587,8 @@ fn main() -> ExitCode {
         AES_CHUNK >> 10,
         args.reps
     );
-    for (label, key, paths) in [
-        ("relation files", "rel", &args.rel),
-        ("WAL segments", "wal", &args.wal),
-    ] {
-        if paths.is_empty() {
-            continue;
-        }
-        let g = load(label, key, paths, args.piece);
+    for set in &args.sets {
+        let g = load(set, args.piece);
         let rows = bench_group(&g, &ring, args.reps);
         print_table(&g, &rows);
     }

@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 
 use aws_lc_rs::digest;
 use secrecy::ExposeSecret;
-use tokio::task::JoinSet;
 
 use crate::cluster::ClusterHandle;
 use crate::error::Error;
+use crate::parallel::run_bounded;
 use crate::pg::files::{self, EntryKind};
 use crate::pg::wal::{Lsn, segment_name, segment_of};
 use crate::pg::{self};
@@ -149,6 +149,36 @@ impl Read for PackReader {
                 self.finish_piece();
             }
             return Ok(n);
+        }
+    }
+}
+
+/// What one pack transfer produced.
+struct PackDone {
+    pack_id: u32,
+    pieces: Vec<Piece>,
+    results: Vec<PieceResult>,
+    original: u64,
+    stored: u64,
+}
+
+impl PackReader {
+    fn new(
+        pieces: Vec<Piece>,
+        results: Arc<Mutex<Vec<PieceResult>>>,
+        progress: Arc<AtomicU64>,
+    ) -> PackReader {
+        PackReader {
+            pieces,
+            next: 0,
+            file: None,
+            remaining: 0,
+            read_in_piece: 0,
+            start_in_pack: 0,
+            pack_offset: 0,
+            hasher: None,
+            results,
+            progress,
         }
     }
 }
@@ -368,74 +398,32 @@ async fn copy_and_finish(
     );
 
     let progress = Progress::start("backup", total);
-    let results = Arc::new(Mutex::new(Vec::<(
-        u32,
-        Vec<Piece>,
-        Vec<PieceResult>,
-        u64,
-        u64,
-    )>::new()));
-    let mut set = JoinSet::new();
-    let sem = Arc::new(tokio::sync::Semaphore::new(opts.parallelism.max(1)));
-    for (pack_id, pieces) in packs.into_iter().enumerate() {
+    let jobs = packs.into_iter().enumerate().map(|(pack_id, pieces)| {
         let pack_id = pack_id as u32;
-        let permit = sem
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        // Stop early when a transfer already failed.
-        while let Some(done) = set.try_join_next() {
-            done.map_err(|e| Error::Internal(e.to_string()))??;
-        }
         let store = cluster.repo.store().clone();
         let obj = cluster
             .repo
             .object(info, BackupManifest::pack_name(backup_id, pack_id));
         let keyring = keyring.clone();
         let encode = cluster.encode;
-        let results = results.clone();
         let counter = progress.counter();
-        set.spawn(async move {
-            let _permit = permit;
+        async move {
             let piece_results = Arc::new(Mutex::new(Vec::new()));
-            let reader = PackReader {
-                pieces: pieces.clone(),
-                next: 0,
-                file: None,
-                remaining: 0,
-                read_in_piece: 0,
-                start_in_pack: 0,
-                pack_offset: 0,
-                hasher: None,
-                results: piece_results.clone(),
-                progress: counter,
-            };
+            let reader = PackReader::new(pieces.clone(), piece_results.clone(), counter);
             let stats = transfer::put(&store, &obj, &keyring, encode, reader).await?;
-            let pr = piece_results.lock().map(|v| v.clone()).unwrap_or_default();
-            if let Ok(mut r) = results.lock() {
-                r.push((
-                    pack_id,
-                    pieces,
-                    pr,
-                    stats.original_bytes,
-                    stats.stored_bytes,
-                ));
-            }
-            Ok::<(), Error>(())
-        });
-    }
-    while let Some(done) = set.join_next().await {
-        if let Err(e) = done
-            .map_err(|e| Error::Internal(e.to_string()))
-            .and_then(|r| r)
-        {
-            set.abort_all();
-            progress.finish().await;
-            return Err(e);
+            let results = piece_results.lock().map(|v| v.clone()).unwrap_or_default();
+            Ok(PackDone {
+                pack_id,
+                pieces,
+                results,
+                original: stats.original_bytes,
+                stored: stats.stored_bytes,
+            })
         }
-    }
+    });
+    let done = run_bounded(jobs, opts.parallelism).await;
     progress.finish().await;
+    let done = done?;
 
     let stop_sql = if version_num >= 150000 {
         "select lsn::text, labelfile, spcmapfile, clock_timestamp() from pg_backup_stop(false)"
@@ -470,8 +458,14 @@ async fn copy_and_finish(
     let mut extents: Vec<Vec<Extent>> = vec![Vec::new(); file_list.len()];
     let mut pack_entries = Vec::new();
     let mut stored_bytes = 0;
-    let all = results.lock().map(|r| r.clone()).unwrap_or_default();
-    for (pack_id, pieces, piece_results, original, stored) in all {
+    for PackDone {
+        pack_id,
+        pieces,
+        results: piece_results,
+        original,
+        stored,
+    } in done
+    {
         stored_bytes += stored;
         pack_entries.push(PackEntry {
             id: pack_id,
@@ -746,18 +740,7 @@ mod tests {
             }, // shrank
         ];
         let results = Arc::new(Mutex::new(Vec::new()));
-        let mut r = PackReader {
-            pieces,
-            next: 0,
-            file: None,
-            remaining: 0,
-            read_in_piece: 0,
-            start_in_pack: 0,
-            pack_offset: 0,
-            hasher: None,
-            results: results.clone(),
-            progress: Arc::new(AtomicU64::new(0)),
-        };
+        let mut r = PackReader::new(pieces, results.clone(), Arc::new(AtomicU64::new(0)));
         let mut out = Vec::new();
         r.read_to_end(&mut out).unwrap();
         assert_eq!(out, b"helloxy");

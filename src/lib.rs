@@ -12,6 +12,7 @@ pub mod error;
 pub mod expire;
 pub mod init;
 pub mod list;
+pub mod parallel;
 pub mod pg;
 pub mod pipeline;
 pub mod progress;

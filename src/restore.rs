@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use aws_lc_rs::digest;
 use chrono::{DateTime, FixedOffset, Utc};
-use tokio::task::JoinSet;
 
 use crate::cluster::ClusterHandle;
 use crate::error::Error;
+use crate::parallel::run_bounded;
 use crate::pg::wal::Lsn;
 use crate::progress::Progress;
 use crate::repo::manifest::BackupManifest;
@@ -596,27 +596,10 @@ async fn restore_files(
     );
     let phase = Instant::now();
     let progress = Progress::start("restore", total);
-    let sem = Arc::new(tokio::sync::Semaphore::new(opts.parallelism.max(1)));
-    let mut set = JoinSet::new();
     let mut packs: Vec<(u32, Vec<ExtentTarget>)> = by_pack.into_iter().collect();
     packs.sort_by_key(|(id, _)| *id);
-    for (pack_id, mut extents) in packs {
+    let jobs = packs.into_iter().map(|(pack_id, mut extents)| {
         extents.sort_by_key(|e| e.pack_offset);
-        let permit = sem
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?;
-        while let Some(done) = set.try_join_next() {
-            if let Err(e) = done
-                .map_err(|e| Error::Internal(e.to_string()))
-                .and_then(|r| r)
-            {
-                set.abort_all();
-                progress.finish().await;
-                return Err(e);
-            }
-        }
         let store = cluster.repo.store().clone();
         let obj = cluster
             .repo
@@ -624,8 +607,7 @@ async fn restore_files(
         let keyring = keyring.clone();
         let counter = progress.counter();
         let backup_id = backup.id.clone();
-        set.spawn(async move {
-            let _permit = permit;
+        async move {
             // A stream that breaks mid-pack (the store's requests are retried, a broken
             // download is not) is fetched again whole: extents are rewritten at their offsets
             // and re-verified, so a retry cannot mix old and new bytes unchecked.
@@ -647,19 +629,11 @@ async fn restore_files(
                     obj.key
                 ))
             })
-        });
-    }
-    while let Some(done) = set.join_next().await {
-        if let Err(e) = done
-            .map_err(|e| Error::Internal(e.to_string()))
-            .and_then(|r| r)
-        {
-            set.abort_all();
-            progress.finish().await;
-            return Err(e);
         }
-    }
+    });
+    let done = run_bounded(jobs, opts.parallelism).await;
     progress.finish().await;
+    done?;
     // Durability of the restored tree before it is handed to PostgreSQL.
     let root = opts.pgdata.clone();
     tracing::debug!(

@@ -9,6 +9,7 @@ use crate::cluster::ClusterHandle;
 use crate::error::Error;
 use crate::pg::control::{LONG_PAGE_HEADER_LEN, parse_segment_header, read_system_identifier};
 use crate::pg::wal::{WalFileKind, WalFileName};
+use crate::pipeline::EncodeOptions;
 use crate::repo::walindex::{WalSummary, summarise};
 use crate::repo::{ClusterInfo, Repository, has_segment_header};
 use crate::store::StoreError;
@@ -76,7 +77,12 @@ pub async fn wal_push(cluster: &ClusterHandle, path: &Path) -> Result<PushOutcom
 
     let src = File::open(path)
         .map_err(|e| Error::InvalidInput(format!("{}: cannot open: {e}", path.display())))?;
-    let stats = transfer::put(cluster.repo.store(), &obj, &keyring, cluster.encode, src).await?;
+    // One segment at a time and PostgreSQL waits for it: compress it on every core.
+    let encode = EncodeOptions {
+        zstd_workers: wal_push_workers(),
+        ..cluster.encode
+    };
+    let stats = transfer::put(cluster.repo.store(), &obj, &keyring, encode, src).await?;
     if stats.original_bytes != size {
         // The file changed under us; what was stored may not be what PostgreSQL meant.
         return Err(Error::InvalidInput(format!(
@@ -100,6 +106,13 @@ pub async fn wal_push(cluster: &ClusterHandle, path: &Path) -> Result<PushOutcom
         stored_bytes: stats.stored_bytes,
         millis,
     })
+}
+
+fn wal_push_workers() -> u32 {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if cores > 1 { cores.min(4) as u32 } else { 0 }
 }
 
 /// Refuses files that do not belong in this repository.

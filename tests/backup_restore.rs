@@ -12,36 +12,25 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-struct Setup {
-    dir: TestDir,
-    pg: PgCluster,
-    cfg: std::path::PathBuf,
-}
+type Setup = Archiving;
 
 async fn setup(tag: &str, store: &StoreKind) -> Setup {
-    let dir = TestDir::new(tag);
-    let cfg = config_path(&dir, "acme");
-    let pg = PgCluster::init(
-        &dir,
-        "pg",
-        PgOptions {
-            archive_command: Some(archive_command(&cfg, "acme")),
+    let st = Archiving::start(
+        tag,
+        store,
+        ArchivingOptions {
             extra_conf: "track_commit_timestamp = on\n",
             ..Default::default()
         },
     );
-    write_config(&dir, store, "acme", Some(&pg), "");
-    tidemark(&dir.path, &["key", "generate", s(&dir.join("acme.key"))]).ok();
-    pg.pg_ctl_start();
-    tidemark(&dir.path, &["--config", s(&cfg), "init"]).ok();
-    let c = pg.client().await;
+    let c = st.pg.client().await;
     c.batch_execute(
         "create table markers(seq int primary key, xid bigint not null); \
          select pg_switch_wal();",
     )
     .await
     .unwrap();
-    Setup { dir, pg, cfg }
+    st
 }
 
 /// A committed marker row: its commit timestamp (from track_commit_timestamp), transaction id

@@ -28,20 +28,8 @@ fn status_of(v: &serde_json::Value, name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn check_exit_codes() {
-    let dir = TestDir::new("check");
-    let cfg = config_path(&dir, "acme");
-    let pg = PgCluster::init(
-        &dir,
-        "pg",
-        PgOptions {
-            archive_command: Some(archive_command(&cfg, "acme")),
-            ..Default::default()
-        },
-    );
-    write_config(&dir, &StoreKind::Local, "acme", Some(&pg), "");
-    tidemark(&dir.path, &["key", "generate", s(&dir.join("acme.key"))]).ok();
-    pg.pg_ctl_start();
-    tidemark(&dir.path, &["--config", s(&cfg), "init"]).ok();
+    let st = Archiving::start("check", &StoreKind::Local, ArchivingOptions::default());
+    let (dir, pg, cfg) = (&st.dir, &st.pg, st.cfg.clone());
 
     // No backup yet: critical.
     let r = tidemark(&dir.path, &["--config", s(&cfg), "check", "--json"]);

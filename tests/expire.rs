@@ -15,20 +15,8 @@ fn s(p: &Path) -> &str {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn expire_keeps_exactly_the_window() {
-    let dir = TestDir::new("exp");
-    let cfg = config_path(&dir, "acme");
-    let pg = PgCluster::init(
-        &dir,
-        "pg",
-        PgOptions {
-            archive_command: Some(archive_command(&cfg, "acme")),
-            ..Default::default()
-        },
-    );
-    write_config(&dir, &StoreKind::Local, "acme", Some(&pg), "");
-    tidemark(&dir.path, &["key", "generate", s(&dir.join("acme.key"))]).ok();
-    pg.pg_ctl_start();
-    tidemark(&dir.path, &["--config", s(&cfg), "init"]).ok();
+    let st = Archiving::start("exp", &StoreKind::Local, ArchivingOptions::default());
+    let (dir, pg, cfg) = (&st.dir, &st.pg, st.cfg.clone());
     let c = pg.client().await;
     c.batch_execute("create table t(x int)").await.unwrap();
 
@@ -142,7 +130,7 @@ async fn expire_keeps_exactly_the_window() {
     );
 
     // The earliest moment inside the window still restores (from backup 1).
-    let r = Restored::new(&dir, "early");
+    let r = Restored::new(dir, "early");
     let target = window_start.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string();
     let mut args = vec![
         "--config",

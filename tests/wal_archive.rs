@@ -12,42 +12,22 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// A cluster archiving into a fresh repository of `store`.
-struct Setup {
-    dir: TestDir,
-    pg: PgCluster,
-    cfg: std::path::PathBuf,
-}
+type Setup = Archiving;
 
 async fn setup(tag: &str, store: &StoreKind, segsize_mb: Option<u32>, extra_repo: &str) -> Setup {
-    let dir = TestDir::new(tag);
-    let cfg = config_path(&dir, "acme");
-    let pg = PgCluster::init(
-        &dir,
-        "pg",
-        PgOptions {
-            archive_command: Some(archive_command(&cfg, "acme")),
+    let st = Archiving::start(
+        tag,
+        store,
+        ArchivingOptions {
             wal_segsize_mb: segsize_mb,
+            extra_repo,
             ..Default::default()
         },
     );
-    write_config(&dir, store, "acme", Some(&pg), extra_repo);
-    tidemark(&dir.path, &["key", "generate", s(&dir.join("acme.key"))]).ok();
-    pg.pg_ctl_start();
-    let init = tidemark(
-        &dir.path,
-        &["--config", s(&cfg), "--cluster", "acme", "init"],
-    )
-    .ok();
-    assert!(
-        init.stdout
-            .contains("initialised repository of cluster acme"),
-        "{init:?}"
-    );
     // A second init is a checked no-op.
-    let again = tidemark(&dir.path, &["--config", s(&cfg), "init"]).ok();
+    let again = st.run(&["init"]).ok();
     assert!(again.stdout.contains("already initialised"), "{again:?}");
-    Setup { dir, pg, cfg }
+    st
 }
 
 /// Fetches every segment PostgreSQL marked archived and compares it with PostgreSQL's copy.

@@ -144,6 +144,10 @@ pub struct EncodeOptions {
     pub chunk_shift: u8,
     /// Compute the SHA-256 of the original bytes while encoding.
     pub sha256: bool,
+    /// zstd worker threads for this one object (0: compress on the calling thread). For a
+    /// single latency-bound object such as a WAL segment; transfers that already run in
+    /// parallel leave it at 0.
+    pub zstd_workers: u32,
 }
 
 impl Default for EncodeOptions {
@@ -152,6 +156,7 @@ impl Default for EncodeOptions {
             zstd_level: Some(3),
             chunk_shift: DEFAULT_CHUNK_SHIFT,
             sha256: false,
+            zstd_workers: 0,
         }
     }
 }
@@ -283,6 +288,10 @@ pub fn encode<R: Read, F: FnMut(Bytes) -> io::Result<()>>(
             // The AEAD already authenticates every byte; a zstd checksum would be redundant work.
             z.include_checksum(false)
                 .map_err(PipelineError::from_sink)?;
+            if opts.zstd_workers > 0 {
+                z.multithread(opts.zstd_workers)
+                    .map_err(PipelineError::from_sink)?;
+            }
             pump(&mut z)?;
             z.finish().map_err(PipelineError::from_sink)?.finish()
         }
@@ -332,7 +341,7 @@ impl<R: Read> ChunkOpener<R> {
         if self.done {
             return Ok(false);
         }
-        self.buf.clear();
+        // Zero-filled once per object: later chunks reuse the buffer as it is.
         self.buf.resize(self.sealed_len, 0);
         let mut got = 0;
         if let Some(b) = self.lookahead.take() {
@@ -613,6 +622,7 @@ mod tests {
             zstd_level: zstd.then_some(1),
             chunk_shift: MIN_CHUNK_SHIFT,
             sha256: true,
+            zstd_workers: 0,
         }
     }
 
@@ -849,7 +859,7 @@ mod tests {
         fn prop_round_trip(len in 0usize..40_000, seed in any::<u64>(), zstd in any::<bool>(), shift in 12u8..15) {
             let r = ring();
             let d = data(len, seed);
-            let opts = EncodeOptions { zstd_level: zstd.then_some(3), chunk_shift: shift, sha256: false };
+            let opts = EncodeOptions { zstd_level: zstd.then_some(3), chunk_shift: shift, ..Default::default() };
             let obj = enc(&r, &d, opts, "p");
             prop_assert_eq!(dec(&r, &obj, "p").unwrap(), d);
         }

@@ -31,9 +31,13 @@ const KEK_INFO: &[u8] = b"tidemark/v1/kek";
 const MASTER_ID_INFO: &[u8] = b"tidemark/v1/master-key-id";
 const DEK_WRAP_AAD: &[u8] = b"tidemark/v1/dek";
 
-/// Fills `buf` from the operating system's CSPRNG.
+/// Fills `buf` from the operating system's CSPRNG (getrandom(2)).
+///
+/// Not AWS-LC's RNG: seeding that costs 25-45 ms of CPU-jitter entropy collection in every
+/// process, and wal-push is one process per segment. Salts, ids, keys and wrapping nonces need
+/// unpredictability, which the kernel's CSPRNG provides.
 pub fn random_bytes(buf: &mut [u8]) -> Result<(), CryptError> {
-    aws_lc_rs::rand::fill(buf).map_err(|_| CryptError::Random)
+    getrandom::fill(buf).map_err(|_| CryptError::Random)
 }
 
 /// The cluster's master key, as read from its key file.

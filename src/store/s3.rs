@@ -7,8 +7,9 @@
 //!
 //! Retries: the SDK's own retries are disabled and every request is retried here, per request
 //! (per part for multipart uploads, since the SDK cannot replay a custom stream), with
-//! exponential backoff and jitter until an overall deadline. Each attempt is itself bounded by
-//! the time left, so a hung connection cannot outlive the deadline.
+//! exponential backoff and jitter until an overall deadline. Each attempt is bounded by a third
+//! of the deadline (at least 5 s) and by the time left, so a hung request is retried and none
+//! outlives the deadline.
 //!
 //! Durability: an object exists only after PutObject or CompleteMultipartUpload succeeded.
 //! Multipart parts have a fixed size (R2 requires equal parts); at most `MAX_INFLIGHT_PARTS`
@@ -241,7 +242,12 @@ impl Inner {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let left = deadline.saturating_duration_since(Instant::now());
+            // One attempt gets a third of the budget (at least 5 s): a request that never gets an
+            // answer is retried instead of eating the whole deadline.
+            let attempt_limit = (self.opts.retry_deadline / 3).max(Duration::from_secs(5));
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .min(attempt_limit);
             let detail = match tokio::time::timeout(left, f()).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) => match classify(&e) {

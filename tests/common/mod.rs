@@ -695,3 +695,66 @@ impl Drop for Restored {
         }
     }
 }
+
+/// A cluster archiving through tidemark into a fresh, initialised repository.
+pub struct Archiving {
+    pub dir: TestDir,
+    pub pg: PgCluster,
+    pub cfg: PathBuf,
+}
+
+/// What `Archiving::start` sets up besides the defaults.
+#[derive(Default)]
+pub struct ArchivingOptions<'a> {
+    pub wal_segsize_mb: Option<u32>,
+    /// Extra postgresql.conf lines.
+    pub extra_conf: &'a str,
+    /// Extra [repository] lines of the config.
+    pub extra_repo: &'a str,
+}
+
+impl Archiving {
+    /// initdb, a config for cluster `acme` with archive_command = tidemark wal-push, a key,
+    /// start, `tidemark init`.
+    pub fn start(tag: &str, store: &StoreKind, opts: ArchivingOptions<'_>) -> Archiving {
+        let dir = TestDir::new(tag);
+        let cfg = config_path(&dir, "acme");
+        let pg = PgCluster::init(
+            &dir,
+            "pg",
+            PgOptions {
+                archive_command: Some(archive_command(&cfg, "acme")),
+                wal_segsize_mb: opts.wal_segsize_mb,
+                extra_conf: opts.extra_conf,
+            },
+        );
+        write_config(&dir, store, "acme", Some(&pg), opts.extra_repo);
+        let key = dir.join("acme.key");
+        tidemark(&dir.path, &["key", "generate", key.to_str().unwrap()]).ok();
+        pg.pg_ctl_start();
+        let init = tidemark(
+            &dir.path,
+            &[
+                "--config",
+                cfg.to_str().unwrap(),
+                "--cluster",
+                "acme",
+                "init",
+            ],
+        )
+        .ok();
+        assert!(
+            init.stdout
+                .contains("initialised repository of cluster acme"),
+            "{init:?}"
+        );
+        Archiving { dir, pg, cfg }
+    }
+
+    /// Runs tidemark with `--config <this config>` and `args`, in the test directory.
+    pub fn run(&self, args: &[&str]) -> Run {
+        let mut all = vec!["--config", self.cfg.to_str().unwrap()];
+        all.extend_from_slice(args);
+        tidemark(&self.dir.path, &all)
+    }
+}
