@@ -347,6 +347,9 @@ pub async fn backup(cluster: &ClusterHandle, opts: &BackupOptions) -> Result<Bac
         // Best effort: the next backup or expire removes whatever this leaves.
         let _ = delete_backup_objects(&cluster.repo, &backup_id).await;
     }
+    // Ends the backup session (and its lock) cleanly; a failed backup's session ending also
+    // ends PostgreSQL's backup mode.
+    client.close().await;
     let mut outcome = result?;
     outcome.removed_incomplete = removed_incomplete;
     Ok(outcome)
@@ -587,14 +590,22 @@ async fn wait_for_wal(
     timeout: Duration,
 ) -> Result<(), Error> {
     let t = Instant::now();
-    let prefix = repo.key(&format!("wal/{timeline:08X}/"));
+    let dir = repo.key(&format!("wal/{timeline:08X}/"));
+    // List only names sharing the first and last segment's common prefix, not the whole
+    // archive of the timeline (which grows to many thousands of objects).
+    let (a, b) = (
+        segment_name(timeline, first, seg_size),
+        segment_name(timeline, last, seg_size),
+    );
+    let common = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    let prefix = format!("{dir}{}", &a[..common]);
     loop {
         let have: std::collections::HashSet<String> = repo
             .store()
             .list(&prefix)
             .await?
             .into_iter()
-            .map(|m| m.key[prefix.len()..].to_string())
+            .map(|m| m.key[dir.len()..].to_string())
             .collect();
         let missing: Vec<String> = (first..=last)
             .map(|s| segment_name(timeline, s, seg_size))

@@ -300,6 +300,9 @@ pub async fn check(cluster: &ClusterHandle, opts: &CheckOptions) -> CheckReport 
         checks.push(pg_wal_space(&pgdata.join("pg_wal")));
     }
 
+    if let Some(c) = client {
+        c.close().await;
+    }
     let status = checks.iter().map(|c| c.status).max().unwrap_or(Status::Ok);
     CheckReport {
         cluster: cluster.name.clone(),

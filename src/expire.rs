@@ -180,13 +180,15 @@ async fn remove_incomplete_if_idle(cluster: &ClusterHandle) -> Vec<String> {
     if !locked {
         return Vec::new(); // a backup is running; its directory is not a leftover
     }
-    match remove_incomplete(&cluster.repo).await {
+    let removed = match remove_incomplete(&cluster.repo).await {
         Ok(v) => v,
         Err(e) => {
             tracing::warn!(error = %e, "removing leftovers of incomplete backups failed");
             Vec::new()
         }
-    }
+    };
+    client.close().await;
+    removed
 }
 
 #[cfg(test)]

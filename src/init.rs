@@ -51,6 +51,7 @@ pub async fn init(cluster: &ClusterHandle) -> Result<InitOutcome, Error> {
             )));
         }
         cluster.keyring(&info).await?;
+        client.close().await;
         return Ok(InitOutcome {
             created: false,
             repository_id: info.repository_id,
@@ -76,6 +77,7 @@ pub async fn init(cluster: &ClusterHandle) -> Result<InitOutcome, Error> {
         created_by: format!("tidemark {}", env!("CARGO_PKG_VERSION")),
     };
     cluster.repo.write_info(&info).await?;
+    client.close().await;
     Ok(InitOutcome {
         created: true,
         repository_id,

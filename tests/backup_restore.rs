@@ -229,7 +229,29 @@ async fn exactness(store: StoreKind, tag: &str) {
         "{text}"
     );
 
-    let mid_during = during[during.len() / 2];
+    // A marker committed while backup B was copying (after its start, before its stop): B
+    // cannot restore to it, so the restore must choose A. (Markers written after B's stop
+    // but before the process exited, while it waited for WAL, belong to B.)
+    let ts = |s: &str| {
+        chrono::DateTime::parse_from_str(&format!("{s}00"), "%Y-%m-%d %H:%M:%S%.f%z")
+            .or_else(|_| chrono::DateTime::parse_from_rfc3339(s))
+            .unwrap_or_else(|e| panic!("timestamp {s:?}: {e}"))
+    };
+    let b_start = ts(backup_b["start_time"].as_str().unwrap());
+    let b_stop = ts(backup_b["stop_time"].as_str().unwrap());
+    let inside: Vec<i32> = during
+        .iter()
+        .copied()
+        .filter(|seq| {
+            let t = ts(&markers.iter().find(|m| m.seq == *seq).unwrap().commit_ts);
+            t > b_start && t < b_stop
+        })
+        .collect();
+    assert!(
+        !inside.is_empty(),
+        "no marker committed while backup B copied ({b_start} .. {b_stop})"
+    );
+    let mid_during = inside[inside.len() / 2];
     let m = |seq: i32| markers.iter().find(|m| m.seq == seq).unwrap().clone();
     let cases: Vec<(String, Vec<String>, Vec<i32>)> = vec![
         (

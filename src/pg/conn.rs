@@ -12,9 +12,33 @@ pub struct ServerIdentity {
     pub wal_segment_size: u64,
 }
 
+/// A connection: the client, and the task that drives it. `close` ends the session cleanly
+/// (PostgreSQL sees a Terminate message, not a dropped socket); dropping it also ends the
+/// session, with a "connection lost" line in the server log.
+pub struct Session {
+    client: Option<Client>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::ops::Deref for Session {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        // Only `close` takes the client, and it consumes the session.
+        self.client.as_ref().expect("session not closed")
+    }
+}
+
+impl Session {
+    pub async fn close(mut self) {
+        drop(self.client.take());
+        let task = std::mem::replace(&mut self.task, tokio::spawn(async {}));
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    }
+}
+
 /// Connects with a libpq-style connection string. The string may hold a password: it is never
 /// logged and errors name only the host part.
-pub async fn connect(conninfo: &str) -> Result<Client, String> {
+pub async fn connect(conninfo: &str) -> Result<Session, String> {
     let config = Config::from_str(conninfo)
         .map_err(|e| format!("invalid connection string: {}", first_line(&e.to_string())))?;
     let target = describe(&config);
@@ -24,12 +48,15 @@ pub async fn connect(conninfo: &str) -> Result<Client, String> {
             first_line(&e.to_string())
         )
     })?;
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "PostgreSQL connection closed");
         }
     });
-    Ok(client)
+    Ok(Session {
+        client: Some(client),
+        task,
+    })
 }
 
 fn first_line(s: &str) -> String {

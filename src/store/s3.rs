@@ -31,7 +31,7 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use backon::{BackoffBuilder, ExponentialBuilder};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use secrecy::{ExposeSecret, SecretString};
 use tokio::task::JoinHandle;
 
@@ -39,10 +39,11 @@ use super::{
     ObjectMeta, ObjectReader, ObjectWriter, Store, StoreError, StoreOptions, validate_key,
 };
 
-/// Part size of multipart uploads; objects up to this size go up in one PUT.
-pub const PART_SIZE: usize = 16 << 20;
-/// Parts uploading while the next one fills: with 16 MiB parts a writer holds at most 32 MiB,
-/// so a backup with 4 concurrent transfers stays far below 256 MiB.
+/// Part size of multipart uploads; objects up to this size go up in one PUT (a WAL segment
+/// compresses below it). 8 MiB keeps a writer under ~20 MiB, so even --parallel 8 stays far
+/// below 256 MiB, and is above the 5 MiB minimum part of S3 and R2.
+pub const PART_SIZE: usize = 8 << 20;
+/// Parts uploading while the next one fills.
 const MAX_INFLIGHT_PARTS: usize = 1;
 
 /// S3 connection settings from the configuration.
@@ -312,7 +313,7 @@ impl Store for S3Store {
         Ok(Box::new(S3Writer {
             inner: self.inner.clone(),
             key: key.to_string(),
-            buf: BytesMut::new(),
+            buf: Vec::new(),
             upload_id: None,
             parts: Vec::new(),
             inflight: Vec::new(),
@@ -475,7 +476,8 @@ impl Store for S3Store {
 struct S3Writer {
     inner: Inner,
     key: String,
-    buf: BytesMut,
+    /// Bytes not yet handed to an upload; never grows past a part and one write.
+    buf: Vec<u8>,
     upload_id: Option<String>,
     parts: Vec<CompletedPart>,
     inflight: Vec<JoinHandle<Result<CompletedPart, StoreError>>>,
@@ -560,7 +562,7 @@ impl S3Writer {
     async fn commit_inner(&mut self) -> Result<u64, StoreError> {
         let full = self.inner.full_key(&self.key);
         if self.upload_id.is_none() {
-            let body = self.buf.split().freeze();
+            let body = Bytes::from(std::mem::take(&mut self.buf));
             self.inner
                 .call("put", &self.key, || {
                     self.inner
@@ -575,7 +577,7 @@ impl S3Writer {
             return Ok(self.written);
         }
         if !self.buf.is_empty() {
-            let last = self.buf.split().freeze();
+            let last = Bytes::from(std::mem::take(&mut self.buf));
             self.start_part(last).await?;
         }
         for h in std::mem::take(&mut self.inflight) {
@@ -620,10 +622,20 @@ async fn join_part(
 impl ObjectWriter for S3Writer {
     async fn write(&mut self, data: Bytes) -> Result<(), StoreError> {
         self.written += data.len() as u64;
+        let need = self.buf.len() + data.len();
+        if need > self.buf.capacity() {
+            // Grow geometrically, but not past one part plus this write: a part keeps its
+            // allocation until uploaded, so slack here is memory held per writer.
+            let target = (self.buf.capacity() * 2)
+                .min(PART_SIZE + data.len())
+                .max(need);
+            self.buf.reserve_exact(target - self.buf.len());
+        }
         self.buf.extend_from_slice(&data);
         // Strictly more than a part: an object of exactly PART_SIZE still goes in one PUT.
         while self.buf.len() > PART_SIZE {
-            let part = self.buf.split_to(PART_SIZE).freeze();
+            let rest = self.buf.split_off(PART_SIZE);
+            let part = Bytes::from(std::mem::replace(&mut self.buf, rest));
             if let Err(e) = self.start_part(part).await {
                 self.abort_upload().await;
                 self.finished = true;
