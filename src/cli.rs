@@ -273,6 +273,7 @@ enum KeyCommand {
 }
 
 pub fn main() -> ExitCode {
+    tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -791,4 +792,18 @@ fn render_wal_list(cluster: &str, s: &WalSummary) -> String {
         out.push_str(&format!("unrecognised object: {u}\n"));
     }
     out.trim_end().to_string()
+}
+
+/// Keeps peak memory proportional to what is live. tidemark's large buffers (1 MiB chunks,
+/// 8 MiB upload parts) are short-lived and allocated from many threads; glibc raises its mmap
+/// threshold after each such buffer is freed, and then serves them from per-thread arenas that
+/// keep the freed memory: measured 307 MiB peak for a --parallel 8 backup of incompressible
+/// data. A fixed threshold returns every large buffer to the kernel on free, and fewer arenas
+/// bound fragmentation.
+fn tune_allocator() {
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 4);
+    }
 }
