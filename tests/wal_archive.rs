@@ -130,22 +130,31 @@ async fn archive_round_trip(store: StoreKind, tag: &str) {
     .ok();
     assert!(r.stderr.contains("identical"), "{r:?}");
 
+    // Secrets never reach logs, even at debug level: not the S3 secret, not the master key
+    // (nor its data keys, which only exist unwrapped in memory).
+    let r = tidemark_env(
+        &st.pg.data,
+        &[
+            "--config",
+            s(&st.cfg),
+            "wal-push",
+            &format!("pg_wal/{last}"),
+        ],
+        &[("TIDEMARK_LOG", "debug")],
+    )
+    .ok();
+    let key = std::fs::read(st.dir.join("acme.key")).unwrap();
+    for needle in [
+        hex::encode(&key),
+        hex::encode_upper(&key),
+        format!("{key:?}"),
+    ] {
+        assert!(!r.stderr.contains(&needle), "master key in log output");
+    }
     if let StoreKind::S3(t) = &store {
-        // The secret never reaches logs, even at debug level.
-        let r = tidemark_env(
-            &st.pg.data,
-            &[
-                "--config",
-                s(&st.cfg),
-                "wal-push",
-                &format!("pg_wal/{last}"),
-            ],
-            &[("TIDEMARK_LOG", "debug")],
-        )
-        .ok();
         assert!(
             !r.stderr.contains(&t.secret_access_key),
-            "secret in log output"
+            "S3 secret in log output"
         );
     }
 }
