@@ -6,6 +6,8 @@ use std::sync::Arc;
 use crate::config::{AlertsConfig, ClusterConfig, Config, Retention};
 use crate::error::Error;
 use crate::pipeline::{EncodeOptions, Keyring, MasterKey};
+use crate::repo::manifest::BackupManifest;
+use crate::repo::window::{ArchiveIndex, BackupRange};
 use crate::repo::{ClusterInfo, Repository};
 use crate::store;
 
@@ -64,5 +66,37 @@ impl ClusterHandle {
             &info.repository_id,
             &file,
         )?))
+    }
+}
+
+/// What the repository holds for restoring, resolved: backups, archive index, and each
+/// backup's restorable range on each timeline it reaches.
+pub struct Catalog {
+    pub info: ClusterInfo,
+    pub keyring: Arc<Keyring>,
+    pub backups: Vec<BackupManifest>,
+    pub index: ArchiveIndex,
+    pub ranges: Vec<BackupRange>,
+}
+
+impl ClusterHandle {
+    /// Loads the catalog `list` and `restore` work from (reads every manifest, lists the
+    /// archive, and scans the last segments of each unbroken WAL run for their last commit).
+    pub async fn catalog(&self) -> Result<Catalog, Error> {
+        let info = self.repo.read_info().await?;
+        let keyring = self.keyring(&info).await?;
+        let backups = self.repo.load_manifests(&info, &keyring).await?;
+        let index = self.repo.archive_index(&info, &keyring).await?;
+        let mut ranges = index.all_ranges(&backups);
+        self.repo
+            .resolve_ranges(&info, &keyring, &mut ranges)
+            .await?;
+        Ok(Catalog {
+            info,
+            keyring,
+            backups,
+            index,
+            ranges,
+        })
     }
 }

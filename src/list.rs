@@ -37,16 +37,14 @@ pub struct Listing {
 }
 
 pub async fn list(cluster: &ClusterHandle) -> Result<Listing, Error> {
-    let info = cluster.repo.read_info().await?;
-    let keyring = cluster.keyring(&info).await?;
-    let manifests = cluster.repo.load_manifests(&info, &keyring).await?;
-    let idx = cluster.repo.archive_index(&info, &keyring).await?;
-    let mut ranges = idx.all_ranges(&manifests);
-    cluster
-        .repo
-        .resolve_ranges(&info, &keyring, &mut ranges)
-        .await?;
-    let windows = window::windows(&ranges);
+    let catalog = cluster.catalog().await?;
+    let (info, manifests, idx, ranges) = (
+        &catalog.info,
+        &catalog.backups,
+        &catalog.index,
+        &catalog.ranges,
+    );
+    let windows = window::windows(ranges);
     let backups = manifests
         .iter()
         .map(|m| {

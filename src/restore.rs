@@ -301,16 +301,15 @@ pub async fn restore(
     opts: &RestoreOptions,
 ) -> Result<RestoreOutcome, Error> {
     let started = Instant::now();
-    let info = cluster.repo.read_info().await?;
-    let keyring = cluster.keyring(&info).await?;
-    let backups = cluster.repo.load_manifests(&info, &keyring).await?;
-    let idx = cluster.repo.archive_index(&info, &keyring).await?;
-    let mut ranges = idx.all_ranges(&backups);
-    cluster
-        .repo
-        .resolve_ranges(&info, &keyring, &mut ranges)
-        .await?;
-    let (backup, timeline, range, warnings) = choose(&backups, &idx, &ranges, opts)?;
+    let catalog = cluster.catalog().await?;
+    let (info, keyring, backups, idx, ranges) = (
+        &catalog.info,
+        &catalog.keyring,
+        &catalog.backups,
+        &catalog.index,
+        &catalog.ranges,
+    );
+    let (backup, timeline, range, warnings) = choose(backups, idx, ranges, opts)?;
     for w in &warnings {
         tracing::warn!("{w}");
     }
@@ -318,7 +317,7 @@ pub async fn restore(
     preflight_restore_command(cluster, opts, &backup)?;
 
     prepare_target(&opts.pgdata, opts.force)?;
-    let result = restore_files(cluster, &info, &keyring, &backup, opts).await;
+    let result = restore_files(cluster, info, keyring, &backup, opts).await;
     let (files, bytes) = match result {
         Ok(r) => r,
         Err(e) => {
