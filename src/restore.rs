@@ -1149,7 +1149,8 @@ fn user_and_db(cluster: &ClusterHandle) -> (String, String) {
     let mut user = "postgres".to_string();
     let mut db = "postgres".to_string();
     if let Some(c) = &cluster.config.connection
-        && let Ok(cfg) = c.expose_secret().parse::<tokio_postgres::Config>()
+        && let Ok((rest, _)) = crate::pg::tls::split(c.expose_secret())
+        && let Ok(cfg) = rest.parse::<tokio_postgres::Config>()
     {
         if let Some(u) = cfg.get_user() {
             user = u.to_string();

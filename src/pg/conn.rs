@@ -39,24 +39,65 @@ impl Session {
 /// Connects with a libpq-style connection string. The string may hold a password: it is never
 /// logged and errors name only the host part.
 pub async fn connect(conninfo: &str) -> Result<Session, String> {
-    let config = Config::from_str(conninfo)
+    let (rest, tls) = super::tls::split(conninfo)?;
+    let config = Config::from_str(&rest)
         .map_err(|e| format!("invalid connection string: {}", first_line(&e.to_string())))?;
     let target = describe(&config);
-    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+    let failed = |e: tokio_postgres::Error| {
         format!(
             "cannot connect to PostgreSQL at {target}: {}",
-            first_line(&e.to_string())
+            error_chain(&e)
         )
-    })?;
-    let task = tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "PostgreSQL connection closed");
+    };
+    // PostgreSQL never speaks TLS over Unix sockets.
+    let unix_only = config
+        .get_hosts()
+        .iter()
+        .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)));
+    let tls_config = if unix_only {
+        None
+    } else {
+        super::tls::client_config(&tls)?
+    };
+    let (client, task) = match tls_config {
+        None => {
+            let (client, connection) = config.connect(NoTls).await.map_err(failed)?;
+            (client, tokio::spawn(drive(connection)))
         }
-    });
+        Some(tls_config) => {
+            let connector = tokio_postgres_rustls::MakeRustlsConnect::new(tls_config);
+            let (client, connection) = config.connect(connector).await.map_err(failed)?;
+            (client, tokio::spawn(drive(connection)))
+        }
+    };
     Ok(Session {
         client: Some(client),
         task,
     })
+}
+
+async fn drive<F>(connection: F)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+{
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "PostgreSQL connection closed");
+    }
+}
+
+/// The error and its causes on one line (TLS failures hide the reason in the source).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = first_line(&e.to_string());
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let line = first_line(&s.to_string());
+        if !out.contains(&line) {
+            out.push_str(": ");
+            out.push_str(&line);
+        }
+        cur = s.source();
+    }
+    out
 }
 
 fn first_line(s: &str) -> String {

@@ -5,5 +5,6 @@ pub mod conn;
 pub mod control;
 pub mod files;
 pub mod history;
+pub mod tls;
 pub mod wal;
 pub mod walscan;
