@@ -110,6 +110,8 @@ pub struct RepositoryConfig {
     pub force_path_style: bool,
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<SecretString>,
+    /// PEM file of CA certificates trusted for an https endpoint, besides the system roots.
+    pub ca_file: Option<PathBuf>,
     /// How long to keep retrying a failing store request.
     #[serde(default = "default_retry_timeout", deserialize_with = "duration")]
     pub retry_timeout: Duration,
@@ -261,6 +263,7 @@ impl Config {
             force_path_style: self.repository.force_path_style,
             access_key_id: self.repository.access_key_id.clone(),
             secret_access_key: self.repository.secret_access_key.clone(),
+            ca_file: self.repository.ca_file.clone(),
         }
     }
 

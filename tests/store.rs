@@ -27,6 +27,7 @@ async fn open(kind: &StoreKind, dir: &TestDir) -> Arc<dyn Store> {
                 force_path_style: true,
                 access_key_id: Some(t.access_key_id.clone()),
                 secret_access_key: Some(t.secret_access_key.clone().into()),
+                ca_file: None,
             },
             &StoreOptions::default(),
         )
@@ -117,4 +118,164 @@ async fn store_contract_local() {
 async fn store_contract_s3() {
     let (kind, _garage) = s3_store("sts3");
     contract(kind, "sts3").await;
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A TLS-terminating proxy on 127.0.0.1 in front of `upstream` (what a TLS load balancer in
+/// front of a private S3 store does).
+async fn tls_proxy(dir: &std::path::Path, upstream: String) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("server.crt"))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(dir.join("server.key")).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+    port
+}
+
+/// An https endpoint signed by a private CA: trusted with repository.ca_file, refused without.
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_over_https_with_a_private_ca() {
+    let garage = Garage::start("s3tls");
+    let dir = TestDir::new("s3tlsca");
+    openssl(
+        &dir.path,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=tidemark s3 test CA",
+        ],
+    );
+    openssl(
+        &dir.path,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        &dir.path,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    let upstream = garage
+        .target
+        .endpoint
+        .trim_start_matches("http://")
+        .to_string();
+    let port = tls_proxy(&dir.path, upstream).await;
+    let t = &garage.target;
+    let settings = |ca: Option<std::path::PathBuf>| S3Settings {
+        endpoint: Some(format!("https://127.0.0.1:{port}")),
+        region: Some(t.region.clone()),
+        force_path_style: true,
+        access_key_id: Some(t.access_key_id.clone()),
+        secret_access_key: Some(t.secret_access_key.clone().into()),
+        ca_file: ca,
+    };
+    let opts = StoreOptions {
+        retry_deadline: std::time::Duration::from_secs(2),
+        connect_timeout: std::time::Duration::from_secs(1),
+    };
+    let url = format!("s3://{}/{}", t.bucket, t.prefix);
+
+    let s = store::open(&url, &settings(Some(dir.join("ca.crt"))), &opts)
+        .await
+        .unwrap();
+    s.put_bytes("tls/obj", Bytes::from_static(b"over https"))
+        .await
+        .unwrap();
+    assert_eq!(s.get_bytes("tls/obj", 100).await.unwrap(), b"over https");
+
+    let untrusting = store::open(&url, &settings(None), &opts).await.unwrap();
+    let e = untrusting
+        .get_bytes("tls/obj", 100)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.to_lowercase().contains("certificate") || e.contains("UnknownIssuer"),
+        "{e}"
+    );
+
+    let e = store::open(&url, &settings(Some(dir.join("ext.cnf"))), &opts)
+        .await
+        .unwrap_err();
+    assert!(e.contains("no PEM certificate"), "{e}");
 }

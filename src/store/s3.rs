@@ -54,6 +54,8 @@ pub struct S3Settings {
     pub force_path_style: bool,
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<SecretString>,
+    /// Extra CA certificates (PEM) for an https endpoint, trusted besides the system roots.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for S3Settings {
@@ -63,6 +65,7 @@ impl std::fmt::Debug for S3Settings {
             .field("region", &self.region)
             .field("force_path_style", &self.force_path_style)
             .field("access_key_id", &self.access_key_id)
+            .field("ca_file", &self.ca_file)
             .field(
                 "secret_access_key",
                 &self.secret_access_key.as_ref().map(|_| "<redacted>"),
@@ -134,6 +137,28 @@ impl S3Store {
         }
         if let Some(ep) = &settings.endpoint {
             loader = loader.endpoint_url(ep);
+        }
+        if let Some(ca) = &settings.ca_file {
+            use aws_smithy_http_client::tls;
+            let pem = std::fs::read(ca)
+                .map_err(|e| format!("repository.ca_file {}: {e}", ca.display()))?;
+            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                return Err(format!(
+                    "repository.ca_file {}: no PEM certificate in it",
+                    ca.display()
+                ));
+            }
+            let context = tls::TlsContext::builder()
+                .with_trust_store(tls::TrustStore::default().with_pem_certificate(pem))
+                .build()
+                .map_err(|e| format!("repository.ca_file {}: {e}", ca.display()))?;
+            let client = aws_smithy_http_client::Builder::new()
+                .tls_provider(tls::Provider::Rustls(
+                    tls::rustls_provider::CryptoMode::AwsLc,
+                ))
+                .tls_context(context)
+                .build_https();
+            loader = loader.http_client(client);
         }
         let shared = loader.load().await;
         let conf = aws_sdk_s3::config::Builder::from(&shared)
