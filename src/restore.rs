@@ -309,6 +309,20 @@ pub async fn restore(
         &catalog.index,
         &catalog.ranges,
     );
+    // A restore point or transaction id says nothing of where it is: find it in the WAL, so
+    // the backup is the newest one that ended before it (as for times and LSNs).
+    let located;
+    let opts = match (&opts.target, &opts.backup) {
+        (RecoveryTarget::Name(_) | RecoveryTarget::Xid(_), None) => {
+            let id = locate_backup_for_target(cluster, &catalog, opts).await?;
+            located = RestoreOptions {
+                backup: Some(id),
+                ..opts.clone()
+            };
+            &located
+        }
+        _ => opts,
+    };
     let (backup, timeline, range, warnings) = choose(backups, idx, ranges, opts)?;
     for w in &warnings {
         tracing::warn!("{w}");
@@ -366,6 +380,83 @@ pub async fn restore(
         outcome.started = Some(s);
     }
     Ok(outcome)
+}
+
+/// For a restore point or transaction id target: the newest backup after whose end the target
+/// occurs in the archived WAL. Scans WAL newest backup first, each segment once, from the
+/// backup's end to where the previous (newer) scan began; stops at the first backup that works.
+async fn locate_backup_for_target(
+    cluster: &ClusterHandle,
+    catalog: &crate::cluster::Catalog,
+    opts: &RestoreOptions,
+) -> Result<String, Error> {
+    let ss = catalog.info.wal_segment_size;
+    let xid = match &opts.target {
+        RecoveryTarget::Xid(x) => Some(
+            x.parse::<u64>()
+                .map_err(|_| Error::Usage(format!("--target-xid {x:?}: not a transaction id")))?
+                as u32,
+        ),
+        _ => None,
+    };
+    let mut candidates: Vec<&BackupManifest> = catalog.backups.iter().collect();
+    candidates.sort_by_key(|b| std::cmp::Reverse(b.stop_lsn.parse::<Lsn>().unwrap_or_default()));
+    let mut upper: Option<u64> = None; // segments at or above this were scanned already
+    for b in candidates {
+        let stop: Lsn = b.stop_lsn.parse().unwrap_or_default();
+        let tli = match &opts.target_timeline {
+            Some(TargetTimeline::Id(t)) => *t,
+            Some(TargetTimeline::Current) => b.timeline,
+            _ => catalog.index.latest_timeline(b.timeline, stop),
+        };
+        let Some(range) = catalog
+            .ranges
+            .iter()
+            .find(|r| r.backup == b.id && r.timeline == tli)
+        else {
+            continue;
+        };
+        let Some(&(_, last)) = range.run_tail.last().filter(|_| range.restorable) else {
+            continue;
+        };
+        let first = crate::pg::wal::segment_of(stop, ss);
+        // The newer backup's first segment is scanned again: it may hold the target before
+        // that backup's end.
+        let end = upper.map_or(last, |u| u.min(last));
+        for segno in first..=end {
+            let Some(file_tli) = catalog.index.segment_timeline(tli, segno) else {
+                break; // a gap: nothing beyond is reachable from this backup
+            };
+            let name = format!(
+                "wal/{file_tli:08X}/{}",
+                crate::pg::wal::segment_name(file_tli, segno, ss)
+            );
+            let obj = cluster.repo.object(&catalog.info, name);
+            let mut scanner = crate::pg::walscan::WalScanner::new(Lsn(segno * ss));
+            if let Some(x) = xid {
+                scanner = scanner.find_xid(x);
+            }
+            let (_, scanner) =
+                transfer::get(cluster.repo.store(), &obj, &catalog.keyring, false, scanner).await?;
+            let scan = scanner.finish();
+            let found = match &opts.target {
+                RecoveryTarget::Name(n) => scan
+                    .restore_points
+                    .iter()
+                    .any(|(name, lsn)| name == n && *lsn >= stop),
+                _ => scan.xid_commit.is_some_and(|lsn| lsn >= stop),
+            };
+            if found {
+                tracing::info!(backup = %b.id, segment = segno, "found the target in the archived WAL");
+                return Ok(b.id.clone());
+            }
+        }
+        upper = Some(first);
+    }
+    Err(Error::Recovery(format!(
+        "{} does not occur in the archived WAL after the end of any backup",
+        opts.target.describe()
+    )))
 }
 
 /// The restored server runs restore_command as its owner. When that is another user (restore

@@ -679,3 +679,55 @@ async fn faults() {
     r.fails_with(13, "restorable window");
     let _ = before_gap;
 }
+
+/// A restore point or transaction from before the newest backup: restore finds it in the WAL
+/// and uses the older backup (the newest one that ended before it).
+#[tokio::test(flavor = "multi_thread")]
+async fn named_and_xid_targets_before_the_newest_backup() {
+    let st = setup("rpx", &StoreKind::Local).await;
+    let c = st.pg.client().await;
+    let a = backup(&st);
+    marker(&c, 1).await;
+    c.batch_execute("select pg_create_restore_point('before_migration')")
+        .await
+        .unwrap();
+    let m2 = marker(&c, 2).await;
+    st.pg.switch_wal().await;
+    let b = backup(&st);
+    marker(&c, 3).await;
+    let end = st.pg.switch_wal().await;
+    st.pg.wait_archived(&end, Duration::from_secs(60)).await;
+
+    let (r, j) = restore(&st, "rp", &["--target-name", "before_migration"]);
+    assert_eq!(j["backup"], a["id"], "{j}");
+    assert_eq!(restored_markers(&r).await, vec![1]);
+    drop(r);
+    let (r, j) = restore(&st, "xid", &["--target-xid", &m2.xid.to_string()]);
+    assert_eq!(j["backup"], a["id"], "{j}");
+    assert_eq!(restored_markers(&r).await, vec![1, 2]);
+    drop(r);
+    // A restore point after the newest backup uses that backup.
+    c.batch_execute("select pg_create_restore_point('later')")
+        .await
+        .unwrap();
+    marker(&c, 4).await;
+    let end = st.pg.switch_wal().await;
+    st.pg.wait_archived(&end, Duration::from_secs(60)).await;
+    let (r, j) = restore(&st, "later", &["--target-name", "later"]);
+    assert_eq!(j["backup"], b["id"], "{j}");
+    assert_eq!(restored_markers(&r).await, vec![1, 2, 3]);
+    drop(r);
+    tidemark(
+        &st.dir.path,
+        &[
+            "--config",
+            s(&st.cfg),
+            "restore",
+            "--pgdata",
+            s(&st.dir.join("none")),
+            "--target-name",
+            "never_created",
+        ],
+    )
+    .fails_with(13, "does not occur in the archived WAL");
+}

@@ -40,6 +40,21 @@ pub struct WalScan {
     pub last_xact: Option<(DateTime<Utc>, Lsn)>,
     /// Where the last complete record header starts.
     pub last_record: Option<Lsn>,
+    /// Restore points (pg_create_restore_point): name and LSN of the record.
+    pub restore_points: Vec<(String, Lsn)>,
+    /// The commit record of the transaction `WalScanner::find_xid` looks for.
+    pub xid_commit: Option<Lsn>,
+}
+
+/// Enough for a restore point record's headers (2 bytes) and main data (8 + 64 bytes).
+const COLLECT: usize = 80;
+const RM_XLOG_ID: u8 = 0;
+const XLOG_RESTORE_POINT: u8 = 0x70;
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Xact,
+    RestorePoint,
 }
 
 #[derive(Debug)]
@@ -52,12 +67,14 @@ enum State {
         got: usize,
         lsn: u64,
     },
-    XactHeaders {
-        buf: [u8; 32],
+    /// The first bytes after the header of a record whose main data matters.
+    Collect {
+        buf: [u8; COLLECT],
         got: usize,
         want: usize,
         tot_len: u64,
         lsn: u64,
+        kind: Kind,
     },
     Done,
 }
@@ -70,6 +87,7 @@ pub struct WalScanner {
     page_header: Vec<u8>,
     state: State,
     scan: WalScan,
+    find_xid: Option<u32>,
 }
 
 impl WalScanner {
@@ -81,7 +99,14 @@ impl WalScanner {
             page_header: Vec::with_capacity(LONG_HEADER as usize),
             state: State::Align,
             scan: WalScan::default(),
+            find_xid: None,
         }
+    }
+
+    /// Also look for the commit record of top-level transaction `xid`.
+    pub fn find_xid(mut self, xid: u32) -> WalScanner {
+        self.find_xid = Some(xid);
+        self
     }
 
     pub fn finish(self) -> WalScan {
@@ -161,27 +186,40 @@ impl WalScanner {
                     let rest = tot_len - RECORD_HEADER as u64;
                     let is_xact =
                         rmid == RM_XACT_ID && matches!(info & 0x70, 0x00 | 0x20 | 0x30 | 0x40);
-                    self.state = if is_xact && rest > 0 {
-                        State::XactHeaders {
-                            buf: [0; 32],
+                    let is_commit = rmid == RM_XACT_ID && matches!(info & 0x70, 0x00 | 0x30);
+                    let xid = u32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
+                    if is_commit && self.find_xid == Some(xid) {
+                        self.scan.xid_commit = Some(Lsn(start));
+                    }
+                    let kind = if is_xact {
+                        Some(Kind::Xact)
+                    } else if rmid == RM_XLOG_ID && info & 0xF0 == XLOG_RESTORE_POINT {
+                        Some(Kind::RestorePoint)
+                    } else {
+                        None
+                    };
+                    self.state = match kind {
+                        Some(kind) if rest > 0 => State::Collect {
+                            buf: [0; COLLECT],
                             got: 0,
-                            want: rest.min(32) as usize,
+                            want: rest.min(COLLECT as u64) as usize,
                             tot_len,
                             lsn: start,
-                        }
-                    } else {
-                        State::Skip(rest)
+                            kind,
+                        },
+                        _ => State::Skip(rest),
                     };
                     if rest == 0 {
                         self.state = State::Align;
                     }
                 }
-                State::XactHeaders {
+                State::Collect {
                     buf,
                     got,
                     want,
                     tot_len,
                     lsn: start,
+                    kind,
                 } => {
                     let take = (*want - *got).min(data.len());
                     buf[*got..*got + take].copy_from_slice(&data[..take]);
@@ -191,8 +229,17 @@ impl WalScanner {
                     if *got < *want {
                         continue;
                     }
-                    if let Some(t) = xact_time(&buf[..*want]) {
-                        self.scan.last_xact = Some((t, Lsn(*start)));
+                    match kind {
+                        Kind::Xact => {
+                            if let Some(t) = xact_time(&buf[..*want]) {
+                                self.scan.last_xact = Some((t, Lsn(*start)));
+                            }
+                        }
+                        Kind::RestorePoint => {
+                            if let Some(name) = restore_point_name(&buf[..*want]) {
+                                self.scan.restore_points.push((name, Lsn(*start)));
+                            }
+                        }
                     }
                     let rest = *tot_len - RECORD_HEADER as u64 - *want as u64;
                     self.state = if rest > 0 {
@@ -204,6 +251,28 @@ impl WalScanner {
             }
         }
     }
+}
+
+/// Where the main data starts after a record's headers (records without block references).
+fn main_data_start(b: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    loop {
+        match *b.get(i)? {
+            253 => i += 3,
+            252 => i += 5,
+            255 => return Some(i + 2),
+            254 => return Some(i + 5),
+            _ => return None,
+        }
+    }
+}
+
+/// xl_restore_point: rp_time (8 bytes), then rp_name, NUL-terminated in 64 bytes.
+fn restore_point_name(b: &[u8]) -> Option<String> {
+    let start = main_data_start(b)? + 8;
+    let raw = b.get(start..b.len().min(start + 64))?;
+    let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+    String::from_utf8(raw[..end].to_vec()).ok()
 }
 
 /// The xact_time at the start of a transaction record's main data, when the record carries no

@@ -86,6 +86,16 @@ impl ArchiveIndex {
         history::path_to(target, self.histories.get(&target).unwrap_or(&empty))
     }
 
+    /// The timeline whose archived file holds segment `segno` on the way to `target`, if that
+    /// file is archived.
+    pub fn segment_timeline(&self, target: u32, segno: u64) -> Option<u32> {
+        let tli = history::timeline_for_segment(&self.path(target), segno, self.segment_size);
+        self.segments
+            .get(&tli)
+            .is_some_and(|m| m.contains_key(&segno))
+            .then_some(tli)
+    }
+
     /// Whether a recovery onto `target` can start from a backup taken on `timeline` that ends
     /// at `stop`: `timeline` is on target's path and was still current at `stop`.
     pub fn reachable(&self, timeline: u32, stop: Lsn, target: u32) -> bool {
