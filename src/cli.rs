@@ -26,6 +26,7 @@ Exit codes:
   11  busy (another backup of this cluster is running)
   12  WAL missing (a backup's WAL was not archived in time)
   13  recovery refused or failed (target outside the restorable window, server did not reach it)
+  14  drill failed (a check failed; the reason is printed)
   70  internal error (a bug)
 
 Environment: TIDEMARK_CONFIG, TIDEMARK_CLUSTER, TIDEMARK_LOG (a tracing filter, e.g. debug).";
@@ -128,6 +129,44 @@ cluster; a second one exits 11)."
         /// Backup label (default: "tidemark <id>")
         #[arg(long)]
         label: Option<String>,
+    },
+    /// Restore drill: restore into a scratch directory, start, check, record, clean up
+    #[command(
+        long_about = "Restore drill: restores a backup and WAL into a scratch directory, starts \
+PostgreSQL on a private socket directory (no TCP), waits until recovery reached the target, \
+checks the point reached against the target and the archive (a WAL gap that cuts replay short \
+fails the drill), runs pg_amcheck on every database and the [[clusters.NAME.drill.assert]] \
+queries, records the result in the repository (drills/), then stops the server and removes \
+everything — also on failure or interruption. Measures RTO (drill start to first accepted \
+query) and its parts. Exit 0 when every check passed, 14 otherwise.\n\n\
+--target latest (default) replays all archived WAL; random picks a uniformly random moment \
+inside the restorable window; a time ('2026-11-27 09:41:07+00') restores to it."
+    )]
+    Drill {
+        /// latest, random, or a time with a zone
+        #[arg(long, default_value = "latest")]
+        target: String,
+        /// Drill this backup instead of the one the target chooses
+        #[arg(long, value_name = "ID")]
+        backup: Option<String>,
+        /// Show past drills instead of running one
+        #[arg(long)]
+        history: bool,
+        /// Where the scratch directory goes [default: the system temp directory]
+        #[arg(long, value_name = "DIR")]
+        scratch_dir: Option<PathBuf>,
+        /// Directory of pg_ctl [default: found for the backup's version]
+        #[arg(long, value_name = "DIR")]
+        pg_bin: Option<PathBuf>,
+        /// Concurrent downloads [default: twice the cores, 2..8]
+        #[arg(long, value_name = "N")]
+        parallel: Option<usize>,
+        /// How long to wait for recovery
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
     },
     /// Health check for monitoring: exit 0 OK, 1 warning, 2 critical
     #[command(
@@ -420,6 +459,112 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 out.stop_lsn,
                 out.stop_time.format("%Y-%m-%d %H:%M:%S%.3f+00")
             ))
+        }
+        Command::Drill {
+            target,
+            backup,
+            history,
+            scratch_dir,
+            pg_bin,
+            parallel,
+            timeout,
+            json,
+        } => {
+            let config_path = cli
+                .config
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+            let cluster = open_cluster(&cli).await?;
+            if *history {
+                let h = tidemark::drill::history(&cluster).await?;
+                if *json {
+                    return print_json(&h);
+                }
+                let mut text = format!("cluster {}: {} drill(s)", cluster.name, h.len());
+                for r in &h {
+                    text.push_str(&format!(
+                        "\n{} {} {:<4} target {}; backup {}; RTO {}; {}",
+                        r.id,
+                        r.started.format("%Y-%m-%d %H:%M:%S+00"),
+                        if r.ok { "OK" } else { "FAIL" },
+                        r.target,
+                        r.backup.as_deref().unwrap_or("-"),
+                        r.rto_ms
+                            .map(|m| format!("{:.1} s", m as f64 / 1000.0))
+                            .unwrap_or_else(|| "-".into()),
+                        r.error.as_deref().unwrap_or("all checks passed")
+                    ));
+                }
+                return println_out(&text);
+            }
+            let target = match target.as_str() {
+                "latest" => tidemark::drill::DrillTarget::Latest,
+                "random" => tidemark::drill::DrillTarget::Random,
+                t => tidemark::drill::DrillTarget::Time(
+                    tidemark::restore::parse_target_time(t).map_err(Error::Usage)?,
+                ),
+            };
+            let opts = tidemark::drill::DrillOptions {
+                target,
+                backup: backup.clone(),
+                scratch_dir: scratch_dir.clone().unwrap_or_else(std::env::temp_dir),
+                config_path,
+                pg_bin: pg_bin.clone(),
+                parallelism: parallel.unwrap_or_else(default_parallelism),
+                timeout: *timeout,
+            };
+            let r = tidemark::drill::drill(&cluster, &opts).await?;
+            if *json {
+                print_json(&r)?;
+            } else {
+                let mut text = format!(
+                    "drill {} of cluster {}: {} — target {}, backup {}, recovered to {} (LSN {}); \
+                     RTO {} (download {}, recovery {}), {} restored, {} WAL segment(s) replayed",
+                    r.id,
+                    r.cluster,
+                    if r.ok { "PASSED" } else { "FAILED" },
+                    r.target,
+                    r.backup.as_deref().unwrap_or("-"),
+                    r.restored_to_time
+                        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    r.restored_to_lsn.as_deref().unwrap_or("-"),
+                    r.rto_ms
+                        .map(|m| format!("{:.1} s", m as f64 / 1000.0))
+                        .unwrap_or_else(|| "-".into()),
+                    r.download_ms
+                        .map(|m| format!("{:.1} s", m as f64 / 1000.0))
+                        .unwrap_or_else(|| "-".into()),
+                    r.recovery_ms
+                        .map(|m| format!("{:.1} s", m as f64 / 1000.0))
+                        .unwrap_or_else(|| "-".into()),
+                    r.bytes_restored
+                        .map(human_bytes)
+                        .unwrap_or_else(|| "-".into()),
+                    r.wal_segments_replayed
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                );
+                for c in &r.checks {
+                    text.push_str(&format!(
+                        "\n{:<4} {:<8} {}",
+                        if c.ok { "OK" } else { "FAIL" },
+                        c.name,
+                        c.detail
+                    ));
+                }
+                if let Some(e) = &r.error {
+                    text.push_str(&format!("\nreason: {e}"));
+                }
+                println_out(&text)?;
+            }
+            if r.ok {
+                Ok(())
+            } else {
+                Err(Error::DrillFailed(
+                    r.error.unwrap_or_else(|| "drill failed".into()),
+                ))
+            }
         }
         Command::Check {
             json,

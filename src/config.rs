@@ -157,6 +157,26 @@ pub struct ClusterConfig {
     pub key_file: PathBuf,
     #[serde(default)]
     pub retention: RetentionConfig,
+    #[serde(default)]
+    pub drill: DrillConfig,
+}
+
+/// `[clusters.NAME.drill]`: what a restore drill checks besides pg_amcheck and the target.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillConfig {
+    /// `[[clusters.NAME.drill.assert]] sql = "select count(*) > 0 from orders"`: each query's
+    /// first column must be true on the restored cluster.
+    #[serde(default)]
+    pub assert: Vec<DrillAssert>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillAssert {
+    pub sql: String,
+    /// Database to run it in (default: the connection's).
+    pub database: Option<String>,
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

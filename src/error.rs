@@ -18,6 +18,7 @@
 //! | 11 | busy: another backup of this cluster is running |
 //! | 12 | WAL missing: the WAL a backup or restore needs is not (yet) in the repository |
 //! | 13 | recovery failed: the restored server did not reach the target |
+//! | 14 | drill failed: a check of a restore drill failed |
 //! | 70 | internal error (a bug: please report it) |
 
 use crate::config::ConfigError;
@@ -58,6 +59,8 @@ pub enum Error {
     Recovery(String),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("drill failed: {0}")]
+    DrillFailed(String),
     /// `check`'s Nagios status (1 warning, 2 critical), already reported on stdout.
     #[error("check status {0}")]
     CheckStatus(u8),
@@ -81,6 +84,7 @@ impl Error {
             Error::Recovery(_) => 13,
             Error::Internal(_) => 70,
             Error::CheckStatus(c) => *c,
+            Error::DrillFailed(_) => 14,
         }
     }
 }

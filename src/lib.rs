@@ -8,6 +8,7 @@ pub mod backup;
 pub mod check;
 pub mod cluster;
 pub mod config;
+pub mod drill;
 pub mod error;
 pub mod expire;
 pub mod init;

@@ -110,6 +110,8 @@ pub struct StartOutcome {
     pub total_ms: u64,
     pub port: u16,
     pub socket_dir: String,
+    /// The PostgreSQL binaries used (pg_ctl and friends).
+    pub pg_bin: String,
 }
 
 impl RecoveryTarget {
@@ -1012,13 +1014,13 @@ fn write_recovery_config(
     Ok(())
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
         .unwrap_or(false)
 }
 
-fn effective_owner(opts: &RestoreOptions) -> Option<String> {
+pub(crate) fn effective_owner(opts: &RestoreOptions) -> Option<String> {
     match &opts.owner {
         Some(o) => Some(o.clone()),
         None if is_root() => Some("postgres".into()),
@@ -1026,7 +1028,7 @@ fn effective_owner(opts: &RestoreOptions) -> Option<String> {
     }
 }
 
-fn user_ids(user: &str) -> Result<(u32, u32), Error> {
+pub(crate) fn user_ids(user: &str) -> Result<(u32, u32), Error> {
     let out = std::process::Command::new("id")
         .arg("-u")
         .arg(user)
@@ -1213,6 +1215,7 @@ async fn start_and_wait(
                     total_ms: restore_started.elapsed().as_millis() as u64,
                     port,
                     socket_dir: socket_dir.display().to_string(),
+                    pg_bin: bin.display().to_string(),
                 });
             }
         }
@@ -1221,7 +1224,7 @@ async fn start_and_wait(
 }
 
 /// Whether the postmaster of `pgdata` is alive (its pid file names a live process).
-fn postmaster_running(pgdata: &Path) -> bool {
+pub(crate) fn postmaster_running(pgdata: &Path) -> bool {
     let Ok(text) = std::fs::read_to_string(pgdata.join("postmaster.pid")) else {
         return false;
     };
@@ -1235,7 +1238,7 @@ fn postmaster_running(pgdata: &Path) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-fn user_and_db(cluster: &ClusterHandle) -> (String, String) {
+pub(crate) fn user_and_db(cluster: &ClusterHandle) -> (String, String) {
     use secrecy::ExposeSecret;
     let mut user = "postgres".to_string();
     let mut db = "postgres".to_string();

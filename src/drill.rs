@@ -1,0 +1,460 @@
+//! `tidemark drill`: proves a backup restores. Restores into a scratch directory, starts
+//! PostgreSQL privately (its own socket directory, no TCP), waits for the target, runs the
+//! checks, records the result in the repository, stops the server and removes everything it
+//! created — also when a step fails or the drill is interrupted.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::ClusterHandle;
+use crate::error::Error;
+use crate::pg::wal::Lsn;
+use crate::restore::{self, ArchiveMode, RecoveryTarget, RestoreOptions, StartOptions};
+
+#[derive(Debug, Clone)]
+pub enum DrillTarget {
+    Latest,
+    /// A uniformly random moment inside the restorable window.
+    Random,
+    Time(DateTime<chrono::FixedOffset>),
+}
+
+#[derive(Debug, Clone)]
+pub struct DrillOptions {
+    pub target: DrillTarget,
+    pub backup: Option<String>,
+    pub scratch_dir: PathBuf,
+    pub config_path: PathBuf,
+    pub pg_bin: Option<PathBuf>,
+    pub parallelism: usize,
+    pub timeout: std::time::Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DrillCheck {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// The evidence a drill leaves, in the repository (`<cluster>/drills/<id>.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DrillRecord {
+    pub id: String,
+    pub cluster: String,
+    pub host: String,
+    pub started: DateTime<Utc>,
+    pub finished: DateTime<Utc>,
+    pub ok: bool,
+    pub error: Option<String>,
+    pub target: String,
+    pub backup: Option<String>,
+    pub restored_to_time: Option<DateTime<Utc>>,
+    pub restored_to_lsn: Option<String>,
+    pub timeline: Option<u32>,
+    /// From the drill's start to the first accepted query, and its parts.
+    pub rto_ms: Option<u64>,
+    pub download_ms: Option<u64>,
+    pub recovery_ms: Option<u64>,
+    pub bytes_restored: Option<u64>,
+    pub wal_segments_replayed: Option<u64>,
+    pub checks: Vec<DrillCheck>,
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = crate::pipeline::keys::random_bytes(&mut b);
+    u64::from_le_bytes(b)
+}
+
+/// Runs one drill; the record is returned (and stored) whether it passed or not.
+pub async fn drill(cluster: &ClusterHandle, opts: &DrillOptions) -> Result<DrillRecord, Error> {
+    let started = Utc::now();
+    let clock = Instant::now();
+    let id = format!(
+        "{}-{:04x}",
+        started.format("%Y%m%dT%H%M%SZ"),
+        random_u64() & 0xffff
+    );
+    let scratch = opts.scratch_dir.join(format!("tidemark-drill-{id}"));
+    // Socket paths are limited to 107 bytes: a short directory of its own.
+    let socket_dir = PathBuf::from(format!("/tmp/tdmd-{:08x}", random_u64() as u32));
+    let mut record = DrillRecord {
+        id: id.clone(),
+        cluster: cluster.name.clone(),
+        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default(),
+        started,
+        finished: started,
+        ok: false,
+        error: None,
+        target: String::new(),
+        backup: None,
+        restored_to_time: None,
+        restored_to_lsn: None,
+        timeline: None,
+        rto_ms: None,
+        download_ms: None,
+        recovery_ms: None,
+        bytes_restored: None,
+        wal_segments_replayed: None,
+        checks: Vec::new(),
+    };
+    let outcome = {
+        let run = run_drill(cluster, opts, &scratch, &socket_dir, &mut record, clock);
+        tokio::select! {
+            r = run => r,
+            _ = shutdown_signal() => Err(Error::Recovery("drill interrupted".into())),
+        }
+    };
+    // Whatever happened: no server, no directory left behind.
+    cleanup(&scratch, &socket_dir);
+    record.finished = Utc::now();
+    match outcome {
+        Ok(()) => record.ok = record.checks.iter().all(|c| c.ok),
+        Err(e) => {
+            record.ok = false;
+            record.error = Some(e.to_string());
+        }
+    }
+    if record.error.is_none() && !record.ok {
+        let failed: Vec<String> = record
+            .checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| format!("{}: {}", c.name, c.detail))
+            .collect();
+        record.error = Some(failed.join("; "));
+    }
+    let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Internal(e.to_string()))?;
+    cluster
+        .repo
+        .store()
+        .put_bytes(
+            &cluster.repo.key(&format!("drills/{id}.json")),
+            Bytes::from(json),
+        )
+        .await?;
+    Ok(record)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn run_drill(
+    cluster: &ClusterHandle,
+    opts: &DrillOptions,
+    scratch: &Path,
+    socket_dir: &Path,
+    record: &mut DrillRecord,
+    clock: Instant,
+) -> Result<(), Error> {
+    let catalog = cluster.catalog().await?;
+    let target = match &opts.target {
+        DrillTarget::Latest => RecoveryTarget::Latest,
+        DrillTarget::Time(t) => RecoveryTarget::Time(*t),
+        DrillTarget::Random => {
+            let windows = crate::repo::window::windows(&catalog.ranges);
+            let total: i64 = windows
+                .iter()
+                .map(|w| (w.to - w.from).num_microseconds().unwrap_or(0).max(0))
+                .sum();
+            if windows.is_empty() || total <= 0 {
+                return Err(Error::Recovery(
+                    "the restorable window is empty: nothing to drill".into(),
+                ));
+            }
+            // Uniform over the union of windows; stay strictly before each window's end (a
+            // time target needs a later commit).
+            let mut pick = (random_u64() % total as u64) as i64;
+            let mut chosen = windows[0].from;
+            for w in &windows {
+                let len = (w.to - w.from).num_microseconds().unwrap_or(0).max(0);
+                if pick < len {
+                    chosen = w.from + chrono::Duration::microseconds(pick);
+                    break;
+                }
+                pick -= len;
+            }
+            RecoveryTarget::Time(chosen.fixed_offset())
+        }
+    };
+    record.target = target.describe();
+    std::fs::create_dir_all(scratch)
+        .map_err(|e| Error::LocalIo(format!("{}: {e}", scratch.display())))?;
+    std::fs::create_dir_all(socket_dir)
+        .map_err(|e| Error::LocalIo(format!("{}: {e}", socket_dir.display())))?;
+    let ropts = RestoreOptions {
+        pgdata: scratch.join("pgdata"),
+        target: target.clone(),
+        target_timeline: None,
+        exclusive: false,
+        backup: opts.backup.clone(),
+        tablespace_map: Vec::new(),
+        force: false,
+        parallelism: opts.parallelism,
+        archive_mode: ArchiveMode::Off,
+        owner: None,
+        config_path: opts.config_path.clone(),
+        start: Some(StartOptions {
+            pg_bin: opts.pg_bin.clone(),
+            port: Some(5432),
+            socket_dir: Some(socket_dir.to_path_buf()),
+            timeout: opts.timeout,
+        }),
+    };
+    // Tablespaces go under the scratch directory too.
+    let mut ropts = ropts;
+    for t in catalog.backups.iter().flat_map(|b| &b.tablespaces) {
+        ropts.tablespace_map.push((
+            t.location.clone(),
+            scratch.join(format!("ts-{}", t.oid)).display().to_string(),
+        ));
+    }
+    if let Some(owner) = restore::effective_owner(&ropts)
+        && restore::is_root()
+    {
+        let (uid, gid) = restore::user_ids(&owner)?;
+        for d in [scratch, socket_dir] {
+            std::os::unix::fs::chown(d, Some(uid), Some(gid))
+                .map_err(|e| Error::LocalIo(format!("{}: {e}", d.display())))?;
+        }
+    }
+    let out = restore::restore(cluster, &ropts).await?;
+    record.backup = Some(out.backup.clone());
+    record.bytes_restored = Some(out.bytes);
+    record.download_ms = Some(out.download_ms);
+    let started = out
+        .started
+        .ok_or_else(|| Error::Internal("restore did not start the server".into()))?;
+    record.recovery_ms = Some(started.recovery_ms);
+    record.rto_ms = Some(clock.elapsed().as_millis() as u64);
+    record.restored_to_time = started.restored_to_time;
+    record.restored_to_lsn = started.restored_to_lsn.clone();
+    record.timeline = started.timeline;
+    let reached: Option<Lsn> = started
+        .restored_to_lsn
+        .as_deref()
+        .and_then(|l| l.parse().ok());
+    let ss = catalog.info.wal_segment_size;
+    if let (Some(b), Some(r)) = (catalog.backups.iter().find(|b| b.id == out.backup), reached) {
+        let stop: Lsn = b.stop_lsn.parse().unwrap_or_default();
+        record.wal_segments_replayed = Some(r.0.saturating_sub(stop.0) / ss + 1);
+    }
+
+    // 1. The point reached matches the target and what the archive holds.
+    let archive_end = catalog
+        .index
+        .segments
+        .values()
+        .filter_map(|m| m.keys().next_back().copied())
+        .max();
+    let target_check = match (&target, reached) {
+        (RecoveryTarget::Latest, Some(r)) => match archive_end {
+            Some(last) if r.0 / ss < last => DrillCheck {
+                name: "target".into(),
+                ok: false,
+                detail: format!(
+                    "recovery stopped at {r}, but the archive holds WAL up to segment {last:X} (a missing \
+                     segment cut the replay short)"
+                ),
+            },
+            _ => DrillCheck {
+                name: "target".into(),
+                ok: true,
+                detail: format!("replayed all archived WAL, up to {r}"),
+            },
+        },
+        (RecoveryTarget::Time(t), _) => {
+            let t = t.with_timezone(&Utc);
+            match started.restored_to_time {
+                Some(got) if got <= t => DrillCheck {
+                    name: "target".into(),
+                    ok: true,
+                    detail: format!(
+                        "recovered to {} (target {})",
+                        got.format("%Y-%m-%d %H:%M:%S%.6f+00"),
+                        t.format("%Y-%m-%d %H:%M:%S%.6f+00")
+                    ),
+                },
+                // Recovery stopped at the first commit after the target, and none came between
+                // the backup's consistent point and the target: nothing to replay, correct.
+                None => DrillCheck {
+                    name: "target".into(),
+                    ok: true,
+                    detail: format!(
+                        "recovered to the backup's consistent point: no transaction committed between it and {}",
+                        t.format("%Y-%m-%d %H:%M:%S%.6f+00")
+                    ),
+                },
+                Some(got) => DrillCheck {
+                    name: "target".into(),
+                    ok: false,
+                    detail: format!(
+                        "recovered to {} which is after the target {}",
+                        got.format("%Y-%m-%d %H:%M:%S%.6f+00"),
+                        t.format("%Y-%m-%d %H:%M:%S%.6f+00")
+                    ),
+                },
+            }
+        }
+        (_, None) => DrillCheck {
+            name: "target".into(),
+            ok: false,
+            detail: "no replay position reported".into(),
+        },
+        _ => DrillCheck {
+            name: "target".into(),
+            ok: true,
+            detail: "reached".into(),
+        },
+    };
+    record.checks.push(target_check);
+
+    // 2. pg_amcheck on every database, where the binary exists.
+    let bin = PathBuf::from(&started.pg_bin);
+    let (user, db) = restore::user_and_db(cluster);
+    let amcheck = bin.join("pg_amcheck");
+    if amcheck.exists() {
+        let mut cmd = as_owner(&ropts, &amcheck);
+        cmd.arg("-h")
+            .arg(socket_dir)
+            .arg("-p")
+            .arg(started.port.to_string())
+            .arg("-U")
+            .arg(&user)
+            .args(["--all", "--install-missing", "--heapallindexed"]);
+        let o = cmd
+            .output()
+            .map_err(|e| Error::LocalIo(format!("pg_amcheck: {e}")))?;
+        let text =
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        record.checks.push(DrillCheck {
+            name: "amcheck".into(),
+            ok: o.status.success(),
+            detail: if o.status.success() {
+                "pg_amcheck --all: no corruption".into()
+            } else {
+                text.lines().take(3).collect::<Vec<_>>().join(" | ")
+            },
+        });
+    } else {
+        record.checks.push(DrillCheck {
+            name: "amcheck".into(),
+            ok: true,
+            detail: format!("skipped: {} not installed", amcheck.display()),
+        });
+    }
+
+    // 3. User-defined assertions.
+    for a in &cluster.config.drill.assert {
+        let dbname = a.database.clone().unwrap_or_else(|| db.clone());
+        let conninfo = format!(
+            "host={} port={} user={user} dbname={dbname}",
+            socket_dir.display(),
+            started.port
+        );
+        let check = match crate::pg::conn::connect(&conninfo).await {
+            Err(e) => DrillCheck {
+                name: "assert".into(),
+                ok: false,
+                detail: format!("{}: {e}", a.sql),
+            },
+            Ok(c) => {
+                let r = c.query_one(a.sql.as_str(), &[]).await;
+                c.close().await;
+                match r {
+                    Ok(row) => match row.try_get::<_, bool>(0) {
+                        Ok(true) => DrillCheck {
+                            name: "assert".into(),
+                            ok: true,
+                            detail: a.sql.clone(),
+                        },
+                        Ok(false) => DrillCheck {
+                            name: "assert".into(),
+                            ok: false,
+                            detail: format!("false: {}", a.sql),
+                        },
+                        Err(e) => DrillCheck {
+                            name: "assert".into(),
+                            ok: false,
+                            detail: format!("{}: first column is not a boolean ({e})", a.sql),
+                        },
+                    },
+                    Err(e) => DrillCheck {
+                        name: "assert".into(),
+                        ok: false,
+                        detail: format!("{}: {e}", a.sql),
+                    },
+                }
+            }
+        };
+        record.checks.push(check);
+    }
+    Ok(())
+}
+
+fn as_owner(opts: &RestoreOptions, program: &Path) -> std::process::Command {
+    match restore::effective_owner(opts) {
+        Some(u) if restore::is_root() => {
+            let mut c = std::process::Command::new("runuser");
+            c.arg("-u").arg(u).arg("--").arg(program);
+            c
+        }
+        _ => std::process::Command::new(program),
+    }
+}
+
+/// Stops the drill's server (if it runs) and removes its directories. SIGQUIT is PostgreSQL's
+/// immediate shutdown (what `pg_ctl -m immediate` sends); a drill's copy needs no checkpoint.
+fn cleanup(scratch: &Path, socket_dir: &Path) {
+    let pgdata = scratch.join("pgdata");
+    if restore::postmaster_running(&pgdata) {
+        let pid = std::fs::read_to_string(pgdata.join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse::<i32>().ok()));
+        if let Some(pid) = pid.filter(|p| *p > 1) {
+            // SAFETY: kill(2) on the postmaster's pid, read from its own pid file.
+            unsafe {
+                libc::kill(pid, libc::SIGQUIT);
+            }
+            for _ in 0..150 {
+                if !restore::postmaster_running(&pgdata) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(scratch);
+    let _ = std::fs::remove_dir_all(socket_dir);
+}
+
+/// Past drills of the cluster, oldest first.
+pub async fn history(cluster: &ClusterHandle) -> Result<Vec<DrillRecord>, Error> {
+    let prefix = cluster.repo.key("drills/");
+    let mut out = Vec::new();
+    for m in cluster.repo.store().list(&prefix).await? {
+        let bytes = cluster.repo.store().get_bytes(&m.key, 1 << 20).await?;
+        match serde_json::from_slice::<DrillRecord>(&bytes) {
+            Ok(r) => out.push(r),
+            Err(e) => tracing::warn!(object = %m.key, error = %e, "unreadable drill record"),
+        }
+    }
+    out.sort_by_key(|a| a.started);
+    Ok(out)
+}
