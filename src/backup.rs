@@ -280,6 +280,19 @@ pub async fn backup(cluster: &ClusterHandle, opts: &BackupOptions) -> Result<Bac
         )));
     }
 
+    // The backup lock lives in the primary; a standby's lock would not exclude a backup
+    // running on the primary (and standby backups need another WAL-switch strategy).
+    let standby: bool = client
+        .query_one("select pg_is_in_recovery()", &[])
+        .await
+        .map_err(|e| Error::Postgres(format!("pg_is_in_recovery: {e}")))?
+        .get(0);
+    if standby {
+        return Err(Error::Usage(format!(
+            "the server at clusters.{}.connection is a standby: backups are taken from the primary",
+            cluster.name
+        )));
+    }
     let locked: bool = client
         .query_one("select pg_try_advisory_lock($1)", &[&BACKUP_LOCK_KEY])
         .await
@@ -414,7 +427,10 @@ async fn copy_and_finish(
             let piece_results = Arc::new(Mutex::new(Vec::new()));
             let reader = PackReader::new(pieces.clone(), piece_results.clone(), counter);
             let stats = transfer::put(&store, &obj, &keyring, encode, reader).await?;
-            let results = piece_results.lock().map(|v| v.clone()).unwrap_or_default();
+            let results = piece_results
+                .lock()
+                .map_err(|_| Error::Internal("a pack reader panicked".into()))?
+                .clone();
             Ok(PackDone {
                 pack_id,
                 pieces,
@@ -494,6 +510,21 @@ async fn copy_and_finish(
     let mut original_bytes = 0;
     for ((path, _, listed_size, mode), mut ext) in file_list.into_iter().zip(extents) {
         ext.sort_by_key(|e| e.file_offset);
+        // A file that shrank while its pieces were read in parallel can leave a hole (a short
+        // piece followed by a full one read earlier). Keep the prefix up to the first hole:
+        // the file was that long at some moment of the backup, and WAL replay (from the
+        // backup's checkpoint, with full-page writes) rebuilds what follows. The manifest's
+        // extents then always cover 0..size exactly.
+        let mut end = 0;
+        let contiguous = ext
+            .iter()
+            .take_while(|e| {
+                let ok = e.file_offset == end;
+                end = e.file_offset + e.length;
+                ok
+            })
+            .count();
+        ext.truncate(contiguous);
         if listed_size > 0 && ext.is_empty() {
             continue; // vanished during the backup
         }

@@ -14,6 +14,8 @@ const EXIT_CODES: &str = "\
 Exit codes:
    0  success
    1  not found (wal-fetch: the repository does not hold that file)
+      (wal-fetch exits 126 on any other failure, so PostgreSQL stops recovery rather than
+      ending it early and promoting a cluster that misses WAL)
    2  usage or configuration error
    3  key error (key file missing, not mode 0600, or the wrong key)
    4  repository error (not initialised, another cluster's repository)
@@ -91,8 +93,10 @@ against the repository's system identifier and segment size."
     #[command(
         long_about = "Restore one archived WAL file: restore_command = 'tidemark --config FILE --cluster NAME wal-fetch %f %p'.\n\n\
 Writes DEST atomically after authenticating every byte. A file the repository does not hold \
-exits 1 quietly (PostgreSQL asks for files that do not exist as part of recovery); any other \
-failure is one error line and its own exit code."
+exits 1 quietly (PostgreSQL asks for files that do not exist as part of recovery). Any other \
+failure (store unreachable, wrong key, corrupted object) is one error line and exit 126, which \
+makes PostgreSQL stop recovery instead of treating the failure as the end of the archive and \
+promoting a cluster that misses WAL."
     )]
     WalFetch {
         /// Name of the WAL file (%f)
@@ -260,9 +264,10 @@ Example: tidemark --cluster acme restore --pgdata /srv/restore --target-time '20
         /// Concurrent downloads [default: twice the cores, 2..8]
         #[arg(long, value_name = "N")]
         parallel: Option<usize>,
-        /// Archiving in the restored cluster: preserve (archive its new timeline into the
-        /// repository) or off
-        #[arg(long, value_enum, default_value_t = ArchiveModeArg::Preserve)]
+        /// Archiving in the restored cluster: off (default: a restored copy never adds a
+        /// timeline to the repository) or preserve (keep the backed-up archive_command: use it
+        /// when the restored cluster becomes the primary)
+        #[arg(long, value_enum, default_value_t = ArchiveModeArg::Off)]
         archive_mode: ArchiveModeArg,
         /// OS user to own the restored files [default: postgres when run as root]
         #[arg(long, value_name = "USER")]
@@ -311,6 +316,9 @@ enum KeyCommand {
     Generate { path: PathBuf },
 }
 
+/// wal-fetch's exit status for every failure but "not in the repository" (see main).
+const WAL_FETCH_FAILED: u8 = 126;
+
 pub fn main() -> ExitCode {
     tune_allocator();
     let cli = match Cli::try_parse() {
@@ -332,6 +340,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(70);
         }
     };
+    let wal_fetch = matches!(cli.command, Command::WalFetch { .. });
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Error::CheckStatus(code)) => ExitCode::from(code),
@@ -339,6 +348,18 @@ pub fn main() -> ExitCode {
             // Expected during recovery: PostgreSQL probes for files beyond the archive's end.
             tracing::debug!("{msg}");
             ExitCode::from(1)
+        }
+        Err(e) if wal_fetch => {
+            // PostgreSQL takes any exit status up to 125 from restore_command as "no more WAL"
+            // and ends recovery there, promoting a cluster that misses the rest. A file that
+            // exists but cannot be fetched (store down, wrong key, corruption) must stop
+            // recovery instead: an exit status above 125 makes PostgreSQL abort it.
+            tracing::debug!(error = ?e, "wal-fetch failed");
+            eprintln!(
+                "tidemark: error: {e} (exit {WAL_FETCH_FAILED} instead of {}: PostgreSQL stops recovery here rather than ending it early)",
+                e.exit_code()
+            );
+            ExitCode::from(WAL_FETCH_FAILED)
         }
         Err(e) => {
             tracing::debug!(error = ?e, "command failed");

@@ -78,9 +78,15 @@ pub async fn plan(cluster: &ClusterHandle, now: DateTime<Utc>) -> Result<ExpireP
     let keyring = cluster.keyring(&info).await?;
     let backups = cluster.repo.load_manifests(&info, &keyring).await?;
     let window = cluster.retention.recovery_window;
-    let window_start = now
-        - chrono::Duration::from_std(window)
-            .map_err(|e| Error::Usage(format!("recovery_window: {e}")))?;
+    let window_start = chrono::Duration::from_std(window)
+        .ok()
+        .and_then(|w| now.checked_sub_signed(w))
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "recovery_window = {} reaches before year 1: use a shorter window",
+                humantime::format_duration(window)
+            ))
+        })?;
     let (keep, delete) = select_backups(&backups, window_start, cluster.retention.min_backups);
     let mut notes = Vec::new();
     let ss = info.wal_segment_size;
@@ -172,6 +178,17 @@ async fn remove_incomplete_if_idle(cluster: &ClusterHandle) -> Vec<String> {
         tracing::warn!("PostgreSQL unreachable: leftovers of incomplete backups are kept for now");
         return Vec::new();
     };
+    // Only the primary's lock excludes a running backup (backups run on the primary).
+    let standby = client
+        .query_one("select pg_is_in_recovery()", &[])
+        .await
+        .map(|r| r.get::<_, bool>(0))
+        .unwrap_or(true);
+    if standby {
+        tracing::warn!("connection is a standby: leftovers of incomplete backups are kept for now");
+        client.close().await;
+        return Vec::new();
+    }
     let locked = client
         .query_one("select pg_try_advisory_lock($1)", &[&BACKUP_LOCK_KEY])
         .await

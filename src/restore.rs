@@ -333,23 +333,45 @@ pub async fn restore(
     preflight_restore_command(cluster, opts, &backup)?;
 
     prepare_target(&opts.pgdata, opts.force)?;
-    let result = restore_files(cluster, info, keyring, &backup, opts).await;
+    let mut result = restore_files(cluster, info, keyring, &backup, opts).await;
+    let download_ms = started.elapsed().as_millis() as u64;
+    if result.is_ok() {
+        result = write_recovery_config(cluster, &backup, timeline, opts).and(result);
+    }
+    if result.is_ok()
+        && let Some(owner) = effective_owner(opts)
+    {
+        result = chown_tree(&opts.pgdata, &owner, &backup, opts).and(result);
+    }
+    if result.is_ok() {
+        // backup_label, recovery.signal and the settings must be as durable as the files:
+        // without backup_label a crash-restarted copy would start from the wrong checkpoint.
+        let mut roots = vec![opts.pgdata.clone()];
+        if let Ok(map) = PathMap::new(&backup, opts) {
+            roots.extend(map.tablespaces.values().cloned());
+        }
+        let synced =
+            tokio::task::spawn_blocking(move || roots.iter().try_for_each(|r| sync_filesystem(r)))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))
+                .and_then(|r| {
+                    r.map_err(|e| Error::LocalIo(format!("syncing the restored files: {e}")))
+                });
+        result = synced.and(result);
+    }
     let (files, bytes) = match result {
         Ok(r) => r,
         Err(e) => {
-            // Never leave a half-restored directory that could be started.
+            // Never leave a half-restored directory (or tablespace) that could be started.
             clear_dir(&opts.pgdata);
+            if let Ok(map) = PathMap::new(&backup, opts) {
+                for t in map.tablespaces.values() {
+                    clear_dir(t);
+                }
+            }
             return Err(e);
         }
     };
-    let download_ms = started.elapsed().as_millis() as u64;
-    if let Err(e) = write_recovery_config(cluster, &backup, timeline, opts) {
-        clear_dir(&opts.pgdata);
-        return Err(e);
-    }
-    if let Some(owner) = effective_owner(opts) {
-        chown_tree(&opts.pgdata, &owner, &backup, opts)?;
-    }
     tracing::info!(backup = %backup.id, files, bytes, ms = download_ms, "files restored and verified");
     let mut outcome = RestoreOutcome {
         backup: backup.id.clone(),

@@ -59,6 +59,8 @@ pub async fn wal_push(cluster: &ClusterHandle, path: &Path) -> Result<PushOutcom
         let cmp = Comparator::new(local);
         let (stats, cmp) = transfer::get(cluster.repo.store(), &obj, &keyring, false, cmp).await?;
         if cmp.finish()? {
+            // The earlier push may have died between its rename and its directory fsync.
+            cluster.repo.store().ensure_durable(&obj.key).await?;
             tracing::info!(file = %wal.name, "already archived with identical content");
             return Ok(PushOutcome {
                 name: wal.name,

@@ -374,7 +374,14 @@ async fn timelines() {
 
     // First restore keeps archiving on: after promotion it archives timeline 2.
     let r1 = Restored::new(&st.dir, "t1");
-    let mut args = vec!["--config", s(&st.cfg), "restore", "--json"];
+    let mut args = vec![
+        "--config",
+        s(&st.cfg),
+        "restore",
+        "--json",
+        "--archive-mode",
+        "preserve",
+    ];
     let start_args = r1.start_args();
     args.extend(start_args.iter().map(String::as_str));
     let out = tidemark(&st.dir.path, &args).ok();

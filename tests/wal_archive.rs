@@ -283,13 +283,13 @@ async fn bad_input_is_refused_clearly() {
         d,
         &["--config", cfg, "wal-fetch", "../etc/passwd", s(&dest)],
     )
-    .fails_with(9, "not a WAL file name");
+    .fails_with(126, "not a WAL file name");
 
     // Key file with group/other permissions.
     let key = st.dir.join("acme.key");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
-    tidemark(d, &["--config", cfg, "wal-fetch", &seg, s(&dest)]).fails_with(3, "0640");
+    tidemark(d, &["--config", cfg, "wal-fetch", &seg, s(&dest)]).fails_with(126, "0640");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
 
     // Missing key file and the wrong key.
@@ -301,13 +301,13 @@ async fn bad_input_is_refused_clearly() {
     };
     write_other(cfg_text.replace("acme.key", "missing.key"));
     tidemark(d, &["--config", s(&other_cfg), "wal-fetch", &seg, s(&dest)])
-        .fails_with(3, "no such file");
+        .fails_with(126, "no such file");
     tidemark(d, &["key", "generate", s(&st.dir.join("wrong.key"))]).ok();
     tidemark(d, &["key", "generate", s(&st.dir.join("wrong.key"))])
         .fails_with(3, "refusing to overwrite");
     write_other(cfg_text.replace("acme.key", "wrong.key"));
     tidemark(d, &["--config", s(&other_cfg), "wal-fetch", &seg, s(&dest)])
-        .fails_with(3, "wrong master key");
+        .fails_with(126, "wrong master key");
     tidemark(
         &st.pg.data,
         &[
@@ -334,7 +334,8 @@ async fn bad_input_is_refused_clearly() {
     bad[mid] ^= 0x10;
     std::fs::write(&obj, &bad).unwrap();
     tidemark(d, &["--config", cfg, "wal-fetch", &seg, s(&dest)])
-        .fails_with(5, &format!("acme/wal/00000001/{seg}"));
+        .fails_with(126, &format!("acme/wal/00000001/{seg}"))
+        .fails_with(126, "instead of 5");
     assert!(
         !dest.exists(),
         "a corrupted segment must not reach the destination"
@@ -345,20 +346,20 @@ async fn bad_input_is_refused_clearly() {
             continue;
         }
         std::fs::write(&obj, &pristine[..cut]).unwrap();
-        tidemark(d, &["--config", cfg, "wal-fetch", &seg, s(&dest)]).fails_with(5, &seg);
+        tidemark(d, &["--config", cfg, "wal-fetch", &seg, s(&dest)]).fails_with(126, &seg);
         assert!(!dest.exists());
     }
     // Trailing bytes.
     let mut longer = pristine.clone();
     longer.extend_from_slice(b"junk");
     std::fs::write(&obj, &longer).unwrap();
-    tidemark(d, &["--config", cfg, "wal-fetch", &seg, s(&dest)]).fails_with(5, &seg);
+    tidemark(d, &["--config", cfg, "wal-fetch", &seg, s(&dest)]).fails_with(126, &seg);
     // Another object swapped in under this name.
     let next = st.pg.switch_wal().await;
     st.pg.wait_archived(&next, Duration::from_secs(60)).await;
     let other_obj = st.dir.join(&format!("repo/acme/wal/00000001/{next}"));
     std::fs::copy(&other_obj, &obj).unwrap();
-    tidemark(d, &["--config", cfg, "wal-fetch", &seg, s(&dest)]).fails_with(5, &seg);
+    tidemark(d, &["--config", cfg, "wal-fetch", &seg, s(&dest)]).fails_with(126, &seg);
     std::fs::write(&obj, &pristine).unwrap();
     tidemark(d, &["--config", cfg, "wal-fetch", &seg, s(&dest)]).ok();
 

@@ -75,7 +75,10 @@ fn walk(
     top: bool,
 ) -> io::Result<()> {
     let mut names: Vec<_> = match std::fs::read_dir(dir) {
-        Ok(rd) => rd.filter_map(|e| e.ok()).collect(),
+        // A failing directory entry (EIO) fails the backup: it could be a relation file.
+        Ok(rd) => rd
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?,
         Err(e) if e.kind() == io::ErrorKind::NotFound && !top => return Ok(()),
         Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
     };
@@ -83,7 +86,9 @@ fn walk(
     for entry in names {
         let name = entry.file_name();
         let Some(name) = name.to_str() else {
-            continue; // PostgreSQL never creates non-UTF-8 names
+            // PostgreSQL never creates non-UTF-8 names; someone else put this here.
+            tracing::warn!(dir = %dir.display(), name = ?name, "skipping a file whose name is not UTF-8");
+            continue;
         };
         let path = entry.path();
         let relpath = if rel.is_empty() {
@@ -168,7 +173,11 @@ fn walk(
                 source: path.join("archive_status"),
             });
         }
-        // Other symlinks, sockets and FIFOs are not part of a backup.
+        // Other symlinks, sockets and FIFOs are not part of a backup: say so, never skip
+        // silently (a symlinked server.crt, say, must be restored by hand).
+        else if !ft.is_dir() && !ft.is_file() {
+            tracing::warn!(path = %path.display(), "skipping a symlink or special file (not backed up)");
+        }
     }
     Ok(())
 }

@@ -73,7 +73,6 @@ enum State {
         got: usize,
         want: usize,
         tot_len: u64,
-        lsn: u64,
         kind: Kind,
     },
     Done,
@@ -88,6 +87,18 @@ pub struct WalScanner {
     state: State,
     scan: WalScan,
     find_xid: Option<u32>,
+    /// What the record being read contributes, applied only once all of it was read: the
+    /// newest archived segment usually ends inside a record that continues in a segment
+    /// PostgreSQL has not archived yet, and recovery cannot reach such a record.
+    pending: Pending,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    record: Option<u64>,
+    xact: Option<DateTime<Utc>>,
+    restore_point: Option<String>,
+    xid_commit: bool,
 }
 
 impl WalScanner {
@@ -100,6 +111,7 @@ impl WalScanner {
             state: State::Align,
             scan: WalScan::default(),
             find_xid: None,
+            pending: Pending::default(),
         }
     }
 
@@ -111,6 +123,23 @@ impl WalScanner {
 
     pub fn finish(self) -> WalScan {
         self.scan
+    }
+
+    /// The current record was read whole: what it says counts.
+    fn complete_record(&mut self) {
+        let p = std::mem::take(&mut self.pending);
+        if let Some(start) = p.record {
+            self.scan.last_record = Some(Lsn(start));
+            if let Some(t) = p.xact {
+                self.scan.last_xact = Some((t, Lsn(start)));
+            }
+            if let Some(name) = p.restore_point {
+                self.scan.restore_points.push((name, Lsn(start)));
+            }
+            if p.xid_commit {
+                self.scan.xid_commit = Some(Lsn(start));
+            }
+        }
     }
 
     fn header_len(&self) -> u64 {
@@ -149,6 +178,7 @@ impl WalScanner {
                     lsn += take;
                     if *n == 0 {
                         self.state = State::Align;
+                        self.complete_record();
                     }
                 }
                 State::Align => {
@@ -182,14 +212,17 @@ impl WalScanner {
                         self.state = State::Done; // end of WAL in this segment
                         continue;
                     }
-                    self.scan.last_record = Some(Lsn(start));
+                    self.pending = Pending {
+                        record: Some(start),
+                        ..Pending::default()
+                    };
                     let rest = tot_len - RECORD_HEADER as u64;
                     let is_xact =
                         rmid == RM_XACT_ID && matches!(info & 0x70, 0x00 | 0x20 | 0x30 | 0x40);
                     let is_commit = rmid == RM_XACT_ID && matches!(info & 0x70, 0x00 | 0x30);
                     let xid = u32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
                     if is_commit && self.find_xid == Some(xid) {
-                        self.scan.xid_commit = Some(Lsn(start));
+                        self.pending.xid_commit = true;
                     }
                     let kind = if is_xact {
                         Some(Kind::Xact)
@@ -204,13 +237,13 @@ impl WalScanner {
                             got: 0,
                             want: rest.min(COLLECT as u64) as usize,
                             tot_len,
-                            lsn: start,
                             kind,
                         },
                         _ => State::Skip(rest),
                     };
                     if rest == 0 {
                         self.state = State::Align;
+                        self.complete_record();
                     }
                 }
                 State::Collect {
@@ -218,7 +251,6 @@ impl WalScanner {
                     got,
                     want,
                     tot_len,
-                    lsn: start,
                     kind,
                 } => {
                     let take = (*want - *got).min(data.len());
@@ -232,21 +264,22 @@ impl WalScanner {
                     match kind {
                         Kind::Xact => {
                             if let Some(t) = xact_time(&buf[..*want]) {
-                                self.scan.last_xact = Some((t, Lsn(*start)));
+                                self.pending.xact = Some(t);
                             }
                         }
                         Kind::RestorePoint => {
                             if let Some(name) = restore_point_name(&buf[..*want]) {
-                                self.scan.restore_points.push((name, Lsn(*start)));
+                                self.pending.restore_point = Some(name);
                             }
                         }
                     }
                     let rest = *tot_len - RECORD_HEADER as u64 - *want as u64;
-                    self.state = if rest > 0 {
-                        State::Skip(rest)
+                    if rest > 0 {
+                        self.state = State::Skip(rest);
                     } else {
-                        State::Align
-                    };
+                        self.state = State::Align;
+                        self.complete_record();
+                    }
                 }
             }
         }

@@ -157,6 +157,20 @@ impl Store for LocalStore {
         res.map_err(|e| self.failed("list", prefix, e.to_string()))
     }
 
+    async fn ensure_durable(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.path("fsync", key)?;
+        let res = tokio::task::spawn_blocking(move || {
+            std::fs::File::open(&path)?.sync_all()?;
+            match path.parent() {
+                Some(dir) => std::fs::File::open(dir)?.sync_all(),
+                None => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| self.failed("fsync", key, e.to_string()))?;
+        res.map_err(|e| self.io_error("fsync", key, e))
+    }
+
     async fn remove_prefix(&self, prefix: &str) -> Result<(), StoreError> {
         let dir = prefix.strip_suffix('/').unwrap_or("");
         let path = self.path("remove", dir)?;

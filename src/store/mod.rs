@@ -91,6 +91,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Deletes an object; deleting a missing object is not an error.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
 
+    /// Makes an existing object durable (local: fsync the file and its directory, in case the
+    /// writer that renamed it died before its directory fsync; S3: objects are durable once
+    /// visible). Used when an already-stored object is accepted as a success again.
+    async fn ensure_durable(&self, _key: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Deletes everything under `prefix` (which must end with '/'), including what crashed
     /// writers left behind: local temporary files, unfinished S3 multipart uploads.
     async fn remove_prefix(&self, prefix: &str) -> Result<(), StoreError>;
