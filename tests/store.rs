@@ -120,19 +120,6 @@ async fn store_contract_s3() {
     contract(kind, "sts3").await;
 }
 
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A TLS-terminating proxy on 127.0.0.1 in front of `upstream` (what a TLS load balancer in
 /// front of a private S3 store does).
 async fn tls_proxy(dir: &std::path::Path, upstream: String) -> u16 {
@@ -176,64 +163,8 @@ async fn tls_proxy(dir: &std::path::Path, upstream: String) -> u16 {
 async fn s3_over_https_with_a_private_ca() {
     let garage = Garage::start("s3tls");
     let dir = TestDir::new("s3tlsca");
-    openssl(
-        &dir.path,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=tidemark s3 test CA",
-        ],
-    );
-    openssl(
-        &dir.path,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ],
-    );
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        &dir.path,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
+    make_ca(&dir.path, "ca");
+    make_server_cert(&dir.path, "ca");
     let upstream = garage
         .target
         .endpoint

@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 
@@ -12,86 +11,12 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA and a server certificate for IP 127.0.0.1 only (no DNS name).
-fn make_pki(dir: &Path, ca: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &format!("{ca}.key"),
-            "-out",
-            &format!("{ca}.crt"),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=tidemark test CA",
-        ],
-    );
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn connects_with_tls_and_verifies_the_server() {
     let dir = TestDir::new("tls");
-    make_pki(&dir.path, "ca");
-    make_pki(&dir.path, "otherca");
-    openssl(
-        &dir.path,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ],
-    );
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        &dir.path,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
+    make_ca(&dir.path, "ca");
+    make_ca(&dir.path, "otherca");
+    make_server_cert(&dir.path, "ca");
     for f in ["server.key", "server.crt", "ca.crt", "otherca.crt"] {
         chown_to_user(&dir.join(f));
     }

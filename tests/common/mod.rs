@@ -758,3 +758,82 @@ impl Archiving {
         tidemark(&self.dir.path, &all)
     }
 }
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes a test CA in `dir`: `{name}.crt` and `{name}.key`.
+pub fn make_ca(dir: &Path, name: &str) {
+    let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
+    openssl(
+        dir,
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &crt,
+        ]
+        .into_iter()
+        .chain(["-days", "2", "-subj", "/CN=tidemark test CA"])
+        .collect::<Vec<_>>(),
+    );
+}
+
+/// Makes `server.crt` and `server.key` in `dir` for IP address 127.0.0.1 only (no DNS name),
+/// signed by the CA `ca` (see `make_ca`).
+pub fn make_server_cert(dir: &Path, ca: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]
+        .into_iter()
+        .chain(["-subj", "/CN=127.0.0.1"])
+        .collect::<Vec<_>>(),
+    );
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let (ca_crt, ca_key) = (format!("{ca}.crt"), format!("{ca}.key"));
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            &ca_crt,
+            "-CAkey",
+            &ca_key,
+        ]
+        .into_iter()
+        .chain([
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ])
+        .collect::<Vec<_>>(),
+    );
+}
