@@ -204,7 +204,32 @@ impl Config {
                 _ => e.to_string(),
             })
         })?;
-        Config::parse(&text).map_err(err)
+        let config = Config::parse(&text).map_err(err)?;
+        config.warn_if_secrets_exposed(path);
+        Ok(config)
+    }
+
+    /// A config holding an S3 secret or a connection password should be readable by its owner
+    /// only; the key files are enforced (0600), the config is warned about.
+    fn warn_if_secrets_exposed(&self, path: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        let has_secret = self.repository.secret_access_key.is_some()
+            || self.clusters.values().any(|c| {
+                c.connection.as_ref().is_some_and(|s| {
+                    use secrecy::ExposeSecret;
+                    s.expose_secret().contains("password")
+                })
+            });
+        let mode = std::fs::metadata(path)
+            .map(|m| m.mode() & 0o777)
+            .unwrap_or(0);
+        if has_secret && mode & 0o007 != 0 {
+            tracing::warn!(
+                config = %path.display(),
+                mode = format!("{mode:04o}"),
+                "the config holds a secret and is readable by any user: chmod o-rwx it"
+            );
+        }
     }
 
     pub fn parse(text: &str) -> Result<Config, String> {

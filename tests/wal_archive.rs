@@ -297,6 +297,8 @@ async fn bad_input_is_refused_clearly() {
     let other_cfg = st.dir.join("other.toml");
     let write_other = |text: String| {
         std::fs::write(&other_cfg, text).unwrap();
+        // It may hold an S3 secret: owner-only, as the docs ask.
+        std::fs::set_permissions(&other_cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
         chown_to_user(&other_cfg);
     };
     write_other(cfg_text.replace("acme.key", "missing.key"));
@@ -448,6 +450,11 @@ async fn bad_input_is_refused_clearly() {
         1 + r.stderr.matches("retrying").count(),
         "{r:?}"
     );
+    assert!(!r.stderr.contains("VERYSECRETVALUE"));
+    // The same config readable by everyone: a warning, and still no secret in it.
+    std::fs::set_permissions(&other_cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = tidemark(d, &["--config", s(&other_cfg), "wal-list"]);
+    assert!(r.stderr.contains("readable by any user"), "{r:?}");
     assert!(!r.stderr.contains("VERYSECRETVALUE"));
     assert!(st.pg.data.join("pg_wal").join(&seg).exists());
 }

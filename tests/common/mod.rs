@@ -341,6 +341,9 @@ pub fn write_config(
     }
     let path = config_path(dir, cluster);
     std::fs::write(&path, text).unwrap();
+    // It may hold an S3 secret: owner-only, as the docs ask.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     chown_to_user(&path);
     path
 }
