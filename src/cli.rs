@@ -33,8 +33,9 @@ Exit codes:
 
 Environment: TIDEMARK_CONFIG, TIDEMARK_CLUSTER, TIDEMARK_LOG (a tracing filter, e.g. debug).";
 
-/// PostgreSQL backup and point-in-time recovery: encrypted, compressed WAL archiving to a
-/// local directory or S3-compatible storage.
+/// PostgreSQL backup and point-in-time recovery: encrypted, compressed WAL archiving and base
+/// backups in a local directory or S3-compatible storage; restore to any moment of the
+/// restorable window; retention, health checks and restore drills.
 #[derive(Parser, Debug)]
 #[command(name = "tidemark", version, after_help = EXIT_CODES)]
 struct Cli {
