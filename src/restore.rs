@@ -785,28 +785,21 @@ fn sync_filesystem(dir: &Path) -> io::Result<()> {
         return Ok(());
     }
     tracing::debug!(error = %io::Error::last_os_error(), "syncfs failed; fsyncing file by file");
-    sync_tree(dir);
+    sync_tree(dir)?;
     Ok(())
 }
 
-fn sync_tree(dir: &Path) {
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            match e.file_type() {
-                Ok(t) if t.is_dir() => sync_tree(&p),
-                Ok(t) if t.is_file() => {
-                    if let Ok(f) = File::open(&p) {
-                        let _ = f.sync_all();
-                    }
-                }
-                _ => {}
-            }
+fn sync_tree(dir: &Path) -> io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let t = e.file_type()?;
+        if t.is_dir() {
+            sync_tree(&e.path())?;
+        } else if t.is_file() {
+            File::open(e.path())?.sync_all()?;
         }
     }
-    if let Ok(f) = File::open(dir) {
-        let _ = f.sync_all();
-    }
+    File::open(dir)?.sync_all()
 }
 
 #[derive(Debug, Clone)]
@@ -1011,7 +1004,13 @@ fn write_recovery_config(
         lines.push("archive_mode = 'off'".into());
     }
     let auto = opts.pgdata.join("postgresql.auto.conf");
-    let existing = std::fs::read_to_string(&auto).unwrap_or_default();
+    // Missing is fine (nothing to keep); unreadable is not: rewriting it would drop the
+    // cluster's own settings.
+    let existing = match std::fs::read_to_string(&auto) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io_err(&auto, e)),
+    };
     let kept: Vec<&str> = existing
         .lines()
         .filter(|l| {

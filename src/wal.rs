@@ -304,9 +304,9 @@ pub async fn wal_fetch(
     drop(file);
     std::fs::rename(&tmp, dest).map_err(|e| Error::LocalIo(format!("{}: {e}", dest.display())))?;
     guard.disarm();
-    if let Ok(d) = File::open(&dir) {
-        let _ = d.sync_all();
-    }
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::LocalIo(format!("fsync {}: {e}", dir.display())))?;
     let millis = started.elapsed().as_millis() as u64;
     tracing::info!(
         file = name,

@@ -239,6 +239,15 @@ impl Repository {
                     obj.key, m.id
                 )));
             }
+            // Checked once here, so later code can read the LSNs without a fallback.
+            for (what, lsn) in [("start_lsn", &m.start_lsn), ("stop_lsn", &m.stop_lsn)] {
+                if lsn.parse::<Lsn>().is_err() {
+                    return Err(Error::Integrity(format!(
+                        "{}: manifest has an invalid {what} {lsn:?}",
+                        obj.key
+                    )));
+                }
+            }
             out.push(m);
         }
         out.sort_by(|a, b| a.stop_time.cmp(&b.stop_time).then(a.id.cmp(&b.id)));
