@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use aws_lc_rs::digest;
 use secrecy::ExposeSecret;
 
+use crate::audit::{self, Event, Outcome};
 use crate::cluster::ClusterHandle;
 use crate::error::Error;
 use crate::parallel::run_bounded;
@@ -29,11 +30,13 @@ use crate::pg::wal::{Lsn, segment_name, segment_of};
 use crate::pg::{self};
 use crate::pipeline::Keyring;
 use crate::progress::Progress;
+use crate::repo::lease::{self, LeaseError};
 use crate::repo::manifest::{
     BackupManifest, DirEntry, Extent, FileEntry, MANIFEST_FORMAT, PackEntry, TablespaceEntry,
 };
 use crate::repo::{ClusterInfo, Repository};
 use crate::transfer;
+use tokio_util::sync::CancellationToken;
 
 /// Advisory lock key of "a backup of this cluster is running" (ASCII "tidemark").
 pub const BACKUP_LOCK_KEY: i64 = 0x7469_6465_6d61_726b;
@@ -48,6 +51,9 @@ pub struct BackupOptions {
     pub parallelism: usize,
     pub wal_timeout: Duration,
     pub label: Option<String>,
+    /// Cancelled (SIGTERM, SIGINT): the backup stops, removes what it wrote and fails with
+    /// `Error::Interrupted`, unless its manifest is already being written.
+    pub cancel: Option<CancellationToken>,
 }
 
 #[derive(Debug, Clone)]
@@ -247,6 +253,27 @@ pub async fn backup(cluster: &ClusterHandle, opts: &BackupOptions) -> Result<Bac
     let started = Instant::now();
     let info = cluster.repo.read_info().await?;
     let keyring = cluster.keyring(&info).await?;
+    let mut id = None;
+    let result = backup_locked(cluster, opts, &info, &keyring, started, &mut id).await;
+    // A refused backup (another one runs) touched nothing: not worth a record.
+    if !matches!(result, Err(Error::Busy(_))) {
+        let mut event = Event::new("backup", Outcome::Ok).outcome_of(&result);
+        if let Some(id) = id {
+            event = event.backup(id);
+        }
+        audit::record(cluster, &info, &keyring, event).await;
+    }
+    result
+}
+
+async fn backup_locked(
+    cluster: &ClusterHandle,
+    opts: &BackupOptions,
+    info: &ClusterInfo,
+    keyring: &Arc<Keyring>,
+    started: Instant,
+    id_out: &mut Option<String>,
+) -> Result<BackupOutcome, Error> {
     let pgdata = cluster.config.pgdata.clone().ok_or_else(|| {
         Error::Usage(format!(
             "clusters.{}.pgdata is required by backup",
@@ -293,6 +320,46 @@ pub async fn backup(cluster: &ClusterHandle, opts: &BackupOptions) -> Result<Bac
             cluster.name
         )));
     }
+    // The lease tells other hosts (and their schedulers) who runs a backup; the advisory lock
+    // below is what makes two backups at once impossible (see repo::lease).
+    let lease = match lease::acquire_for_backup(&cluster.repo, cluster.lease_ttl).await {
+        Ok(l) => l,
+        Err(LeaseError::Held(h)) => {
+            client.close().await;
+            return Err(Error::Busy(format!(
+                "another backup of cluster {} is running: {}; try again later",
+                cluster.name,
+                h.describe()
+            )));
+        }
+        Err(LeaseError::Store(e)) => {
+            client.close().await;
+            return Err(e.into());
+        }
+    };
+    let result = backup_leased(
+        cluster, opts, info, keyring, started, id_out, &client, &pgdata, &id,
+    )
+    .await;
+    lease.release().await;
+    // Ends the backup session (and its lock) cleanly; a failed backup's session ending also
+    // ends PostgreSQL's backup mode.
+    client.close().await;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn backup_leased(
+    cluster: &ClusterHandle,
+    opts: &BackupOptions,
+    info: &ClusterInfo,
+    keyring: &Arc<Keyring>,
+    started: Instant,
+    id_out: &mut Option<String>,
+    client: &tokio_postgres::Client,
+    pgdata: &std::path::Path,
+    id: &pg::conn::ServerIdentity,
+) -> Result<BackupOutcome, Error> {
     let locked: bool = client
         .query_one("select pg_try_advisory_lock($1)", &[&BACKUP_LOCK_KEY])
         .await
@@ -307,6 +374,7 @@ pub async fn backup(cluster: &ClusterHandle, opts: &BackupOptions) -> Result<Bac
 
     let removed_incomplete = remove_incomplete(&cluster.repo).await?;
     let backup_id = new_backup_id(&cluster.repo, &removed_incomplete).await?;
+    *id_out = Some(backup_id.clone());
     let label = opts
         .label
         .clone()
@@ -315,7 +383,7 @@ pub async fn backup(cluster: &ClusterHandle, opts: &BackupOptions) -> Result<Bac
     // leaves (even only temporary files) is found and removed by the next run.
     let started_marker = serde_json::json!({
         "id": backup_id,
-        "host": hostname(),
+        "host": crate::host::hostname(),
         "pid": std::process::id(),
         "started": chrono::Utc::now(),
     });
@@ -341,12 +409,12 @@ pub async fn backup(cluster: &ClusterHandle, opts: &BackupOptions) -> Result<Bac
     let start_time: chrono::DateTime<chrono::Utc> = row.get(1);
     tracing::info!(backup = %backup_id, start_lsn = %start_lsn, "backup started");
 
-    let result = copy_and_finish(
+    let copy = copy_and_finish(
         cluster,
-        &info,
-        &keyring,
-        &client,
-        &pgdata,
+        info,
+        keyring,
+        client,
+        pgdata,
         &backup_id,
         &label,
         start_lsn,
@@ -354,15 +422,28 @@ pub async fn backup(cluster: &ClusterHandle, opts: &BackupOptions) -> Result<Bac
         id.version_num,
         opts,
         started,
-    )
-    .await;
+    );
+    // Until the manifest is being written the backup can stop at any await: dropping the copy
+    // aborts its uploads (nothing uncommitted becomes visible) and what was committed is
+    // removed below. The manifest itself is not interrupted: it is one small object.
+    let result = match &opts.cancel {
+        Some(cancel) => tokio::select! {
+            r = copy => r,
+            _ = cancel.cancelled() => Err(Error::Interrupted(format!(
+                "backup {backup_id} of cluster {} interrupted; nothing of it was kept",
+                cluster.name
+            ))),
+        },
+        None => copy.await,
+    };
+    let result = match result {
+        Ok(manifest) => write_manifest(cluster, info, keyring, manifest).await,
+        Err(e) => Err(e),
+    };
     if result.is_err() {
         // Best effort: the next backup or expire removes whatever this leaves.
         let _ = delete_backup_objects(&cluster.repo, &backup_id).await;
     }
-    // Ends the backup session (and its lock) cleanly; a failed backup's session ending also
-    // ends PostgreSQL's backup mode.
-    client.close().await;
     let mut outcome = result?;
     outcome.removed_incomplete = removed_incomplete;
     Ok(outcome)
@@ -382,7 +463,7 @@ async fn copy_and_finish(
     version_num: u32,
     opts: &BackupOptions,
     started: Instant,
-) -> Result<BackupOutcome, Error> {
+) -> Result<BackupManifest, Error> {
     let root = pgdata.to_path_buf();
     let (entries, tablespaces) = tokio::task::spawn_blocking(move || files::scan(&root))
         .await
@@ -573,10 +654,20 @@ async fn copy_and_finish(
         duration_ms,
         tidemark_version: env!("CARGO_PKG_VERSION").to_string(),
     };
+    Ok(manifest)
+}
+
+/// Writes the manifest, last: from then on the backup exists.
+async fn write_manifest(
+    cluster: &ClusterHandle,
+    info: &ClusterInfo,
+    keyring: &Arc<Keyring>,
+    manifest: BackupManifest,
+) -> Result<BackupOutcome, Error> {
     let json = serde_json::to_vec(&manifest).map_err(|e| Error::Internal(e.to_string()))?;
     let obj = cluster
         .repo
-        .object(info, BackupManifest::manifest_name(backup_id));
+        .object(info, BackupManifest::manifest_name(&manifest.id));
     transfer::put(
         cluster.repo.store(),
         &obj,
@@ -585,20 +676,20 @@ async fn copy_and_finish(
         io::Cursor::new(json),
     )
     .await?;
-    tracing::info!(backup = %backup_id, ms = duration_ms, "backup complete");
+    tracing::info!(backup = %manifest.id, ms = manifest.duration_ms, "backup complete");
     Ok(BackupOutcome {
-        id: backup_id.to_string(),
-        label: label.to_string(),
-        timeline,
-        start_lsn: manifest.start_lsn,
-        stop_lsn: manifest.stop_lsn,
-        start_time,
-        stop_time,
         files: manifest.files.len(),
         packs: manifest.packs.len(),
-        original_bytes,
-        stored_bytes,
-        duration_ms,
+        id: manifest.id,
+        label: manifest.label,
+        timeline: manifest.timeline,
+        start_lsn: manifest.start_lsn,
+        stop_lsn: manifest.stop_lsn,
+        start_time: manifest.start_time,
+        stop_time: manifest.stop_time,
+        original_bytes: manifest.original_bytes,
+        stored_bytes: manifest.stored_bytes,
+        duration_ms: manifest.duration_ms,
         removed_incomplete: Vec::new(),
     })
 }
@@ -716,12 +807,6 @@ async fn delete_backup_objects(repo: &Repository, id: &str) -> Result<(), Error>
         .remove_prefix(&repo.key(&format!("backups/{id}/")))
         .await?;
     Ok(())
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::cluster::ClusterHandle;
 use crate::pg::wal::{Lsn, WalFileName, segment_of};
-use crate::repo::walindex::summarise;
+use crate::repo::walindex::{gaps_from, summarise};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -45,6 +45,9 @@ pub struct CheckResult {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub value: Option<f64>,
+    /// archive_lag: WAL bytes written and not yet archived.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -59,6 +62,9 @@ pub struct CheckOptions {
     /// Force a WAL switch and wait for the segment to arrive in the repository.
     pub switch_wal: bool,
     pub archive_timeout: Duration,
+    /// Read the catalog too: newest backup's age and WAL gaps (the daemon checks those on its
+    /// slower catalog schedule).
+    pub catalog: bool,
 }
 
 fn ok(name: &'static str, message: String) -> CheckResult {
@@ -67,6 +73,7 @@ fn ok(name: &'static str, message: String) -> CheckResult {
         status: Status::Ok,
         message,
         value: None,
+        bytes: None,
     }
 }
 fn warn(name: &'static str, message: String) -> CheckResult {
@@ -75,6 +82,7 @@ fn warn(name: &'static str, message: String) -> CheckResult {
         status: Status::Warning,
         message,
         value: None,
+        bytes: None,
     }
 }
 fn crit(name: &'static str, message: String) -> CheckResult {
@@ -83,6 +91,7 @@ fn crit(name: &'static str, message: String) -> CheckResult {
         status: Status::Critical,
         message,
         value: None,
+        bytes: None,
     }
 }
 
@@ -225,7 +234,7 @@ pub async fn check(cluster: &ClusterHandle, opts: &CheckOptions) -> CheckReport 
     }
 
     // 7. Last backup age and 8. WAL gaps inside the window.
-    if let (Some(info), Some(keyring)) = (&info, &keyring) {
+    if let (Some(info), Some(keyring), true) = (&info, &keyring, opts.catalog) {
         match cluster.repo.load_manifests(info, keyring).await {
             Err(e) => checks.push(crit("backup", format!("reading backups: {e}"))),
             Ok(backups) => {
@@ -265,17 +274,8 @@ pub async fn check(cluster: &ClusterHandle, opts: &CheckOptions) -> CheckReport 
                             .map(|l| segment_of(l, ss))
                             .min();
                         let summary = summarise(&files, strays, ss);
-                        let gaps: Vec<String> = summary
-                            .timelines
-                            .iter()
-                            .flat_map(|t| t.gaps.iter().map(move |g| (t.timeline, g)))
-                            .filter(|(_, g)| {
-                                let to = WalFileName::parse(&g.to).and_then(|f| f.segment_no(ss));
-                                match (oldest_start, to) {
-                                    (Some(start), Some(to)) => to >= start,
-                                    _ => true,
-                                }
-                            })
+                        let gaps: Vec<String> = gaps_from(&summary, oldest_start)
+                            .into_iter()
                             .map(|(t, g)| format!("timeline {t}: {} .. {}", g.from, g.to))
                             .collect();
                         checks.push(if gaps.is_empty() {
@@ -298,6 +298,24 @@ pub async fn check(cluster: &ClusterHandle, opts: &CheckOptions) -> CheckReport 
     // 9. Free space where PostgreSQL writes WAL.
     if let Some(pgdata) = &cluster.config.pgdata {
         checks.push(pg_wal_space(&pgdata.join("pg_wal")));
+    }
+
+    // 10. Audit records this host could not upload yet.
+    if let Some(info) = &info {
+        let (pending, oldest) = crate::audit::pending(cluster, info);
+        let mut r = match oldest {
+            Some(t) if Utc::now() - t > chrono::Duration::minutes(5) => warn(
+                "audit",
+                format!(
+                    "{pending} audit record(s) not uploaded to the repository since {}",
+                    t.format("%Y-%m-%d %H:%M:%S+00")
+                ),
+            ),
+            _ if pending > 0 => ok("audit", format!("{pending} audit record(s) being uploaded")),
+            _ => ok("audit", "audit log uploaded".into()),
+        };
+        r.value = Some(pending as f64);
+        checks.push(r);
     }
 
     if let Some(c) = client {
@@ -365,6 +383,26 @@ async fn archive_end_to_end(
     }
 }
 
+/// WAL written and not yet archived: from the end of the last archived segment to
+/// pg_current_wal_lsn().
+async fn archive_lag_bytes(c: &tokio_postgres::Client) -> Option<u64> {
+    let row = c
+        .query_one(
+            "select pg_current_wal_lsn()::text, coalesce(last_archived_wal, ''), \
+             (select setting::bigint from pg_settings where name = 'wal_segment_size') \
+             from pg_stat_archiver",
+            &[],
+        )
+        .await
+        .ok()?;
+    let current: Lsn = row.get::<_, String>(0).parse().ok()?;
+    let last: String = row.get(1);
+    let seg_size = row.get::<_, i64>(2) as u64;
+    // Any archived name (segment, .partial, .backup) starts with the segment's 24 characters.
+    let seg = WalFileName::parse(last.get(..24)?)?.segment_no(seg_size)?;
+    Some(current.0.saturating_sub((seg + 1) * seg_size))
+}
+
 async fn archive_lag(cluster: &ClusterHandle, c: &tokio_postgres::Client) -> CheckResult {
     let row = c
         .query_one(
@@ -398,18 +436,30 @@ async fn archive_lag(cluster: &ClusterHandle, c: &tokio_postgres::Client) -> Che
         _ => String::new(),
     };
     let lag = Duration::from_secs_f64(lag_secs.max(0.0));
+    let bytes = archive_lag_bytes(c).await;
     let msg = format!(
-        "{ready} segment(s) waiting, oldest for {}{failing_note}",
-        humantime::format_duration(round(lag))
+        "{ready} segment(s) waiting, oldest for {}{}{failing_note}",
+        humantime::format_duration(round(lag)),
+        bytes
+            .map(|b| format!(", {} MiB of WAL not archived", b >> 20))
+            .unwrap_or_default()
+    );
+    let over_bytes = matches!(
+        (bytes, cluster.alerts.archive_lag_bytes_warning),
+        (Some(b), Some(limit)) if b > limit
     );
     let mut r = if lag > cluster.alerts.archive_lag_critical {
         crit("archive_lag", msg)
-    } else if lag > cluster.alerts.archive_lag_warning || (!failing_note.is_empty() && ready > 0) {
+    } else if lag > cluster.alerts.archive_lag_warning
+        || over_bytes
+        || (!failing_note.is_empty() && ready > 0)
+    {
         warn("archive_lag", msg)
     } else {
         ok("archive_lag", msg)
     };
     r.value = Some(lag_secs.max(0.0));
+    r.bytes = bytes;
     r
 }
 

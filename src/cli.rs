@@ -9,6 +9,7 @@ use tidemark::config::{Config, DEFAULT_CONFIG_PATH};
 use tidemark::error::Error;
 use tidemark::pipeline::keys::generate_master_key_file;
 use tidemark::repo::walindex::WalSummary;
+use tidemark::state::{PushRecord, WalPushStats};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -29,6 +30,8 @@ Exit codes:
   12  WAL missing (a backup's WAL was not archived in time)
   13  recovery refused or failed (target outside the restorable window, server did not reach it)
   14  drill failed (a check failed; the reason is printed)
+  15  interrupted by SIGTERM/SIGINT (nothing half-done was kept)
+  16  audit log verification failed (a record was edited or removed)
   70  internal error (a bug)
 
 Environment: TIDEMARK_CONFIG, TIDEMARK_CLUSTER, TIDEMARK_LOG (a tracing filter, e.g. debug).";
@@ -173,6 +176,41 @@ inside the restorable window; a time ('2026-11-27 09:41:07+00') restores to it."
         #[arg(long)]
         json: bool,
     },
+    /// Run every configured cluster: scheduled backups, retention, drills, checks, metrics, alerts
+    #[command(
+        long_about = "Run as a service (systemd, Docker): for every [clusters.NAME] of the config, \
+takes backups on its cron schedule ([schedule] / [clusters.NAME.schedule]: backup, timezone, \
+jitter), applies retention after each one, runs restore drills on [clusters.NAME.drill] \
+schedule, checks health every [daemon] check_interval (repository, server, archiving, archive \
+lag, WAL gaps, backup age), serves Prometheus metrics on [metrics] listen (/metrics, /healthz), \
+and sends alerts to [alerts] webhook_url and/or command — once per problem, with reminders \
+backing off, and a \"resolved\" when it clears. A missed run (daemon down at the scheduled \
+time) runs at start when the newest backup is older than the schedule's period; a failed \
+backup is retried with backoff.\n\n\
+Signals: SIGTERM/SIGINT stop scheduling, give running jobs [daemon] shutdown_grace, then ask \
+them to stop (a backup aborts and removes what it wrote; nothing partial is listed), exit 0. \
+SIGHUP reloads the config; a config that fails to load is rejected and the running one stays."
+    )]
+    Daemon,
+    /// Show the audit log, or verify it (`audit verify`)
+    #[command(
+        long_about = "Show the cluster's audit log: every backup, restore, WAL fetch during a \
+restore, expire deletion, drill, key operation and config change, with time, OS user, host, \
+operation, backup and objects, and outcome. Records are stored in the repository under \
+<cluster>/audit/, hash-chained and authenticated (HMAC under a key derived from the \
+repository's data key). `tidemark audit verify` checks every record and chain and exits 16 if \
+a record was edited or removed. Without --cluster, every configured cluster."
+    )]
+    Audit {
+        #[command(subcommand)]
+        action: Option<AuditCommand>,
+        /// Only records from this time on ('2026-11-27 09:00:00+00', or e.g. 24h for the last day)
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Health check for monitoring: exit 0 OK, 1 warning, 2 critical
     #[command(
         long_about = "Health check for monitoring systems (Nagios convention: exit 0 OK, 1 \
@@ -312,6 +350,16 @@ fn default_parallelism() -> usize {
 }
 
 #[derive(Subcommand, Debug)]
+enum AuditCommand {
+    /// Verify every record and chain: exit 0 when intact, 16 when edited or removed records are found
+    Verify {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum KeyCommand {
     /// Write a new random 32-byte master key to PATH (mode 0600; never overwrites)
     Generate { path: PathBuf },
@@ -393,6 +441,68 @@ async fn open_cluster(cli: &Cli) -> Result<ClusterHandle, Error> {
     ClusterHandle::open(config, cli.cluster.as_deref()).await
 }
 
+/// The named cluster, or every configured one.
+async fn open_clusters(cli: &Cli) -> Result<Vec<ClusterHandle>, Error> {
+    let path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    let config = Config::load(&path)?;
+    if cli.cluster.is_some() || config.clusters.len() == 1 {
+        return Ok(vec![
+            ClusterHandle::open(config, cli.cluster.as_deref()).await?,
+        ]);
+    }
+    let store = tidemark::store::open(
+        &config.repository.url,
+        &config.s3_settings(),
+        &config.store_options(),
+    )
+    .await
+    .map_err(Error::Usage)?;
+    config
+        .clusters
+        .keys()
+        .map(|n| ClusterHandle::with_store(&config, n, store.clone()))
+        .collect()
+}
+
+/// `--since`: a time with a zone, or a duration back from now (`24h`, `7d`).
+fn parse_since(s: &str) -> Result<chrono::DateTime<chrono::Utc>, Error> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        return chrono::Duration::from_std(d)
+            .ok()
+            .and_then(|d| chrono::Utc::now().checked_sub_signed(d))
+            .ok_or_else(|| Error::Usage(format!("--since {s:?}: too far back")));
+    }
+    tidemark::restore::parse_target_time(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| Error::Usage(format!("--since: {e}")))
+}
+
+/// A token cancelled by the first SIGTERM or SIGINT (a second one is not caught: the default
+/// action ends the process).
+fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
+    let token = tokio_util::sync::CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("signal received: stopping the backup and removing what it wrote");
+        t.cancel();
+    });
+    token
+}
+
 fn print_json<T: serde::Serialize>(v: &T) -> Result<(), Error> {
     let s = serde_json::to_string_pretty(v).map_err(|e| Error::Internal(e.to_string()))?;
     println_out(&s)
@@ -443,7 +553,32 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::WalPush { path } => {
             let cluster = open_cluster(&cli).await?;
-            tidemark::wal::wal_push(&cluster, path).await.map(|_| ())
+            let t = std::time::Instant::now();
+            let result = tidemark::wal::wal_push(&cluster, path).await;
+            let seconds = t.elapsed().as_secs_f64();
+            let error = result
+                .as_ref()
+                .err()
+                .map(|e| (e.to_string(), e.exit_code()));
+            let rec = match (&result, &error) {
+                (Ok(o), _) => PushRecord::Pushed {
+                    file: &o.name,
+                    original_bytes: o.original_bytes,
+                    stored_bytes: o.stored_bytes,
+                    seconds,
+                },
+                (Err(_), Some((msg, code))) => PushRecord::Failed {
+                    error: msg,
+                    code: *code,
+                    seconds,
+                },
+                (Err(_), None) => unreachable!("an error always has a message"),
+            };
+            // Counters for the daemon's metrics and alerts; never a reason to fail archiving.
+            if let Err(e) = WalPushStats::record(&cluster.state_dir, &cluster.name, rec) {
+                tracing::warn!(state_dir = %cluster.state_dir.display(), error = %e, "wal-push counters not recorded");
+            }
+            result.map(|_| ())
         }
         Command::WalFetch { name, dest } => {
             let cluster = open_cluster(&cli).await?;
@@ -462,6 +597,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 parallelism: parallel.unwrap_or_else(default_parallelism),
                 wal_timeout: *wal_timeout,
                 label: label.clone(),
+                cancel: Some(cancel_on_signal()),
             };
             let out = tidemark::backup::backup(&cluster, &opts).await?;
             if *json {
@@ -604,6 +740,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let opts = tidemark::check::CheckOptions {
                 switch_wal: !no_switch,
                 archive_timeout: *archive_timeout,
+                catalog: true,
             };
             let report = tidemark::check::check(&cluster, &opts).await;
             if *json {
@@ -834,6 +971,124 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 )),
             }
             println_out(&text)
+        }
+        Command::Daemon => {
+            let config_path = cli
+                .config
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+            tidemark::daemon::run(tidemark::daemon::DaemonOptions { config_path }).await
+        }
+        Command::Audit {
+            action,
+            since,
+            json,
+        } => {
+            let clusters = open_clusters(&cli).await?;
+            match action {
+                Some(AuditCommand::Verify { json: json2 }) => {
+                    let mut reports = Vec::new();
+                    for c in &clusters {
+                        reports.push(tidemark::audit::verify(c).await?);
+                    }
+                    let ok = reports.iter().all(|r| r.ok);
+                    if *json || *json2 {
+                        print_json(&reports)?;
+                    } else {
+                        let mut text = String::new();
+                        for r in &reports {
+                            text.push_str(&format!(
+                                "audit log of cluster {}: {} — {} record(s) in {} chain(s){}\n",
+                                r.cluster,
+                                if r.ok { "OK" } else { "FAILED" },
+                                r.records,
+                                r.chains.len(),
+                                if r.pending_here > 0 {
+                                    format!(
+                                        ", {} waiting on this host to be uploaded",
+                                        r.pending_here
+                                    )
+                                } else {
+                                    String::new()
+                                }
+                            ));
+                            for c in &r.chains {
+                                text.push_str(&format!(
+                                    "  chain {} (host {}): {} record(s), {} .. {}, head seq {} sha256 {}\n",
+                                    c.chain,
+                                    c.host.as_deref().unwrap_or("?"),
+                                    c.records,
+                                    c.first.as_deref().unwrap_or("-"),
+                                    c.last.as_deref().unwrap_or("-"),
+                                    c.head_seq,
+                                    c.head_sha256
+                                ));
+                            }
+                            for p in &r.problems {
+                                text.push_str(&format!("  PROBLEM: {p}\n"));
+                            }
+                        }
+                        println_out(text.trim_end())?;
+                    }
+                    if ok {
+                        Ok(())
+                    } else {
+                        let first = reports
+                            .iter()
+                            .flat_map(|r| {
+                                r.problems
+                                    .iter()
+                                    .map(move |p| format!("cluster {}: {p}", r.cluster))
+                            })
+                            .next()
+                            .unwrap_or_default();
+                        Err(Error::AuditFailed(format!(
+                            "audit log verification failed: {first}"
+                        )))
+                    }
+                }
+                None => {
+                    let since = match since {
+                        None => None,
+                        Some(s) => Some(parse_since(s)?),
+                    };
+                    let mut all = Vec::new();
+                    for c in &clusters {
+                        all.extend(tidemark::audit::list(c, since).await?);
+                    }
+                    all.sort_by(|a, b| a.record.time.cmp(&b.record.time));
+                    if *json {
+                        return print_json(&all);
+                    }
+                    let mut text = format!("{} audit record(s)", all.len());
+                    for l in &all {
+                        let r = &l.record;
+                        text.push_str(&format!(
+                            "\n{} {:<8} {}@{} {:<13} {:<7}{}{}{}",
+                            r.time,
+                            r.cluster,
+                            r.user,
+                            r.host,
+                            r.operation,
+                            r.outcome,
+                            r.backup
+                                .as_deref()
+                                .map(|b| format!(" backup {b}"))
+                                .unwrap_or_default(),
+                            if r.objects.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" {}", r.objects.join(" "))
+                            },
+                            r.detail
+                                .as_deref()
+                                .map(|d| format!(" — {d}"))
+                                .unwrap_or_default()
+                        ));
+                    }
+                    println_out(&text)
+                }
+            }
         }
         Command::WalList { json } => {
             let cluster = open_cluster(&cli).await?;

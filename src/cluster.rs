@@ -1,7 +1,9 @@
 //! A configured cluster opened for one command: its config, its repository, and (on demand)
 //! its keys.
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::{AlertsConfig, ClusterConfig, Config, Retention};
 use crate::error::Error;
@@ -18,6 +20,9 @@ pub struct ClusterHandle {
     pub encode: EncodeOptions,
     pub retention: Retention,
     pub alerts: AlertsConfig,
+    /// This host's state directory (resolved: see `state::resolve_dir`).
+    pub state_dir: PathBuf,
+    pub lease_ttl: Duration,
 }
 
 impl ClusterHandle {
@@ -32,24 +37,34 @@ impl ClusterHandle {
         )
         .await
         .map_err(Error::Usage)?;
-        let level = config.compression.level;
-        let mut config = config;
+        ClusterHandle::with_store(&config, &name, store)
+    }
+
+    /// The cluster `name` of `config` on an already opened store (the daemon shares one store
+    /// between its clusters).
+    pub fn with_store(
+        config: &Config,
+        name: &str,
+        store: Arc<dyn store::Store>,
+    ) -> Result<ClusterHandle, Error> {
         let cluster_config = config
             .clusters
-            .remove(&name)
-            .ok_or_else(|| Error::Internal("cluster vanished from config".into()))?;
-        let retention = Retention::resolve(&config.retention, &cluster_config.retention);
-        let alerts = config.alerts.clone();
+            .get(name)
+            .ok_or_else(|| Error::Usage(format!("cluster {name:?} is not in the config")))?
+            .clone();
+        let level = config.compression.level;
         Ok(ClusterHandle {
-            repo: Repository::new(store, &name),
-            name,
+            repo: Repository::new(store, name),
+            name: name.to_string(),
+            retention: Retention::resolve(&config.retention, &cluster_config.retention),
             config: cluster_config,
-            retention,
-            alerts,
+            alerts: config.alerts.clone(),
             encode: EncodeOptions {
                 zstd_level: (level > 0).then_some(level),
                 ..EncodeOptions::default()
             },
+            state_dir: crate::state::resolve_dir(config.state_dir.as_deref()),
+            lease_ttl: config.repository.lease_ttl,
         })
     }
 

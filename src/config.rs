@@ -8,31 +8,139 @@ use std::time::Duration;
 use secrecy::SecretString;
 use serde::{Deserialize, Deserializer};
 
+use crate::schedule::{Schedule, parse_timezone};
 use crate::store::StoreOptions;
 use crate::store::s3::S3Settings;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tidemark/tidemark.toml";
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Local state of this host: wal-push counters, audit chain heads, the daemon's snapshot of
+    /// its accepted config. Default: see `state::resolve_dir`.
+    pub state_dir: Option<PathBuf>,
     pub repository: RepositoryConfig,
     #[serde(default)]
     pub compression: CompressionConfig,
     /// Default retention of every cluster; a cluster's own [clusters.NAME.retention] keys win.
     #[serde(default)]
     pub retention: RetentionConfig,
-    /// Thresholds of `tidemark check`.
+    /// Thresholds of `tidemark check` and where the daemon sends alerts.
     #[serde(default)]
     pub alerts: AlertsConfig,
+    /// Default schedule of every cluster; a cluster's own [clusters.NAME.schedule] keys win.
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     #[serde(default)]
     pub clusters: BTreeMap<String, ClusterConfig>,
 }
 
-/// Thresholds for `tidemark check` (and, later, the daemon's alerts).
+/// `[schedule]` and `[clusters.NAME.schedule]`: when the daemon takes backups.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Cron expression (5 fields or @daily ...), in `timezone`.
+    pub backup: Option<String>,
+    /// IANA time zone of the cron expressions (default UTC).
+    pub timezone: Option<String>,
+    /// Each run starts at a random moment up to this long after its scheduled time.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub jitter: Option<Duration>,
+}
+
+/// The schedule in force for one cluster.
+#[derive(Debug, Clone)]
+pub struct ResolvedSchedule {
+    pub backup: Option<Schedule>,
+    pub drill: Option<Schedule>,
+    pub jitter: Duration,
+}
+
+/// `[daemon]`: how `tidemark daemon` runs its jobs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Backups and drills running at once, over all clusters.
+    #[serde(default = "default_max_jobs")]
+    pub max_concurrent_jobs: usize,
+    /// How often the cheap health checks run (server, archiving, repository reachability).
+    #[serde(default = "default_check_interval", deserialize_with = "duration")]
+    pub check_interval: Duration,
+    /// How often the catalog is read (backups, restorable window, WAL gaps); also after every
+    /// backup and expire.
+    #[serde(default = "default_catalog_interval", deserialize_with = "duration")]
+    pub catalog_interval: Duration,
+    /// On SIGTERM, how long running jobs may go on before they are asked to abort.
+    #[serde(default, deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+    /// First wait before a failed backup is tried again (doubling up to the next scheduled
+    /// run).
+    #[serde(default = "default_retry_backoff", deserialize_with = "duration")]
+    pub retry_backoff: Duration,
+    /// Apply retention after every successful scheduled backup.
+    #[serde(default = "default_true")]
+    pub expire_after_backup: bool,
+}
+
+fn default_max_jobs() -> usize {
+    2
+}
+fn default_check_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_catalog_interval() -> Duration {
+    Duration::from_secs(900)
+}
+fn default_retry_backoff() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_true() -> bool {
+    true
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            max_concurrent_jobs: default_max_jobs(),
+            check_interval: default_check_interval(),
+            catalog_interval: default_catalog_interval(),
+            shutdown_grace: Duration::ZERO,
+            retry_backoff: default_retry_backoff(),
+            expire_after_backup: true,
+        }
+    }
+}
+
+/// `[metrics]`: the daemon's Prometheus endpoint.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of /metrics and /healthz, e.g. "127.0.0.1:9187"; unset: no endpoint.
+    pub listen: Option<String>,
+}
+
+/// Thresholds for `tidemark check`, and where the daemon's alerts go.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertsConfig {
+    /// JSON POST of every alert (http or https). May embed a token (Slack), so never printed.
+    pub webhook_url: Option<SecretString>,
+    /// PEM CA certificates trusted for an https webhook, besides the system roots.
+    pub webhook_ca_file: Option<PathBuf>,
+    /// Program (and arguments) run for every alert, the JSON on its stdin.
+    pub command: Option<Vec<String>>,
+    /// A firing alert is repeated after this long, then after twice as long, ... (at most
+    /// daily) while it lasts.
+    #[serde(default = "default_repeat_interval", deserialize_with = "duration")]
+    pub repeat_interval: Duration,
+    /// WAL not yet archived beyond this many bytes (pg_current_wal_lsn against the end of the
+    /// last archived segment) is a warning; unset: no byte threshold.
+    pub archive_lag_bytes_warning: Option<u64>,
     /// WAL waiting to be archived for longer than this is a warning...
     #[serde(default = "default_lag_warning", deserialize_with = "duration")]
     pub archive_lag_warning: Duration,
@@ -54,9 +162,18 @@ fn default_backup_age_critical() -> Duration {
     Duration::from_secs(26 * 3600)
 }
 
+fn default_repeat_interval() -> Duration {
+    Duration::from_secs(4 * 3600)
+}
+
 impl Default for AlertsConfig {
     fn default() -> Self {
         AlertsConfig {
+            webhook_url: None,
+            webhook_ca_file: None,
+            command: None,
+            repeat_interval: default_repeat_interval(),
+            archive_lag_bytes_warning: None,
             archive_lag_warning: default_lag_warning(),
             archive_lag_critical: default_lag_critical(),
             backup_age_critical: default_backup_age_critical(),
@@ -99,7 +216,7 @@ fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::
     duration(d).map(Some)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepositoryConfig {
     /// `file:///path` or `s3://bucket/prefix`.
@@ -117,6 +234,14 @@ pub struct RepositoryConfig {
     pub retry_timeout: Duration,
     #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
     pub connect_timeout: Duration,
+    /// Lifetime of the backup lease object (renewed every third of it while a backup runs); a
+    /// crashed holder's lease lapses after this long.
+    #[serde(default = "default_lease_ttl", deserialize_with = "duration")]
+    pub lease_ttl: Duration,
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_retry_timeout() -> Duration {
@@ -126,7 +251,7 @@ fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CompressionConfig {
     /// zstd level, 1..=19; 0 stores objects uncompressed.
@@ -146,7 +271,7 @@ impl Default for CompressionConfig {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// The cluster's data directory (read for pg_control by wal-push of history files).
@@ -157,6 +282,8 @@ pub struct ClusterConfig {
     pub key_file: PathBuf,
     #[serde(default)]
     pub retention: RetentionConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
     #[serde(default)]
     pub drill: DrillConfig,
 }
@@ -169,6 +296,10 @@ pub struct DrillConfig {
     /// first column must be true on the restored cluster.
     #[serde(default)]
     pub assert: Vec<DrillAssert>,
+    /// Cron expression of scheduled drills (in the cluster's schedule time zone).
+    pub schedule: Option<String>,
+    /// Target of scheduled drills: "random" (default) or "latest".
+    pub target: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -214,6 +345,7 @@ impl Config {
     fn warn_if_secrets_exposed(&self, path: &Path) {
         use std::os::unix::fs::MetadataExt;
         let has_secret = self.repository.secret_access_key.is_some()
+            || self.alerts.webhook_url.is_some()
             || self.clusters.values().any(|c| {
                 c.connection.as_ref().is_some_and(|s| {
                     use secrecy::ExposeSecret;
@@ -262,7 +394,107 @@ impl Config {
         if self.repository.retry_timeout.is_zero() {
             return Err("repository.retry_timeout must be more than 0".into());
         }
+        if self.repository.lease_ttl < Duration::from_secs(3) {
+            return Err("repository.lease_ttl must be at least 3s".into());
+        }
+        if self.alerts.archive_lag_warning > self.alerts.archive_lag_critical {
+            return Err(
+                "alerts.archive_lag_warning is longer than alerts.archive_lag_critical".into(),
+            );
+        }
+        if self.alerts.repeat_interval < Duration::from_secs(60) {
+            return Err("alerts.repeat_interval must be at least 60s".into());
+        }
+        if let Some(url) = &self.alerts.webhook_url {
+            use secrecy::ExposeSecret;
+            let u = url.expose_secret();
+            // The URL may carry a token: name the key, not the value.
+            if !(u.starts_with("http://") || u.starts_with("https://"))
+                || u.parse::<hyper::Uri>().is_err()
+            {
+                return Err("alerts.webhook_url must be an http:// or https:// URL".into());
+            }
+        }
+        if let Some(cmd) = &self.alerts.command
+            && cmd.first().is_none_or(|p| p.is_empty())
+        {
+            return Err(
+                "alerts.command must name a program: [\"/path/to/program\", \"arg\", ...]".into(),
+            );
+        }
+        if let Some(l) = &self.metrics.listen {
+            l.parse::<std::net::SocketAddr>().map_err(|e| {
+                format!(
+                    "metrics.listen = {l:?}: expected an address such as \"127.0.0.1:9187\" ({e})"
+                )
+            })?;
+        }
+        if self.daemon.max_concurrent_jobs == 0 {
+            return Err("daemon.max_concurrent_jobs must be at least 1".into());
+        }
+        if self.daemon.check_interval < Duration::from_secs(1)
+            || self.daemon.catalog_interval < Duration::from_secs(1)
+        {
+            return Err(
+                "daemon.check_interval and daemon.catalog_interval must be at least 1s".into(),
+            );
+        }
+        for name in self.clusters.keys() {
+            self.resolve_schedule(name)?;
+        }
         Ok(())
+    }
+
+    /// The schedule of cluster `name`: its own keys, else the global [schedule]'s. Errors name
+    /// the key.
+    pub fn resolve_schedule(&self, name: &str) -> Result<ResolvedSchedule, String> {
+        let c = self
+            .clusters
+            .get(name)
+            .ok_or_else(|| format!("cluster {name:?} is not in the config"))?;
+        let tz_name = c
+            .schedule
+            .timezone
+            .as_deref()
+            .or(self.schedule.timezone.as_deref())
+            .unwrap_or("UTC");
+        parse_timezone(tz_name).map_err(|e| format!("clusters.{name}.schedule.timezone: {e}"))?;
+        let backup = match c
+            .schedule
+            .backup
+            .as_deref()
+            .or(self.schedule.backup.as_deref())
+        {
+            Some(expr) => Some(
+                Schedule::parse(expr, tz_name)
+                    .map_err(|e| format!("clusters.{name}.schedule.backup: {e}"))?,
+            ),
+            None => None,
+        };
+        let drill = match c.drill.schedule.as_deref() {
+            Some(expr) => Some(
+                Schedule::parse(expr, tz_name)
+                    .map_err(|e| format!("clusters.{name}.drill.schedule: {e}"))?,
+            ),
+            None => None,
+        };
+        match c.drill.target.as_deref() {
+            None | Some("random") | Some("latest") => {}
+            Some(t) => {
+                return Err(format!(
+                    "clusters.{name}.drill.target = {t:?}: expected \"random\" or \"latest\""
+                ));
+            }
+        }
+        Ok(ResolvedSchedule {
+            backup,
+            drill,
+            jitter: c
+                .schedule
+                .jitter
+                .or(self.schedule.jitter)
+                .unwrap_or(Duration::ZERO),
+        })
     }
 
     /// Picks the cluster: the one named, or the only one configured.
@@ -380,6 +612,60 @@ key_file = "/k"
         assert!(Config::parse(&OK.replace("[clusters.acme]", "[clusters.\"a/b\"]")).is_err());
         let e = Config::parse(&OK.replace("url =", "retry_timeout = \"soon\"\nurl =")).unwrap_err();
         assert!(e.contains("soon"), "{e}");
+    }
+
+    #[test]
+    fn daemon_keys_validate_and_name_the_key() {
+        let with = |extra: &str| Config::parse(&format!("{extra}\n{OK}"));
+        let c = with(
+            "[schedule]\nbackup = \"0 2 * * *\"\ntimezone = \"Europe/Berlin\"\njitter = \"10m\"",
+        )
+        .unwrap();
+        let r = c.resolve_schedule("acme").unwrap();
+        assert_eq!(r.backup.unwrap().expression(), "0 2 * * *");
+        assert_eq!(r.jitter, Duration::from_secs(600));
+        assert!(r.drill.is_none());
+        // A cluster's own key wins over the global one.
+        let c = Config::parse(&format!(
+            "[schedule]\nbackup = \"0 2 * * *\"\n{OK}[clusters.acme.schedule]\nbackup = \"@hourly\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.resolve_schedule("acme")
+                .unwrap()
+                .backup
+                .unwrap()
+                .expression(),
+            "@hourly"
+        );
+        for (extra, needle) in [
+            (
+                "[schedule]\nbackup = \"0 25 * * *\"",
+                "clusters.acme.schedule.backup",
+            ),
+            ("[schedule]\ntimezone = \"Mars/Olympus\"", "Mars/Olympus"),
+            ("[alerts]\nwebhook_url = \"ftp://x\"", "alerts.webhook_url"),
+            ("[alerts]\ncommand = []", "alerts.command"),
+            ("[metrics]\nlisten = \"nowhere\"", "metrics.listen"),
+            ("[daemon]\nmax_concurrent_jobs = 0", "max_concurrent_jobs"),
+            ("[daemon]\ncheck_interval = \"soon\"", "soon"),
+            (
+                "[alerts]\narchive_lag_warning = \"2h\"",
+                "archive_lag_warning",
+            ),
+            ("[daemon]\nchek_interval = \"1s\"", "chek_interval"),
+        ] {
+            let e = with(extra).unwrap_err();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
+        let e = Config::parse(&format!("{OK}[clusters.acme.drill]\ntarget = \"oldest\"\n"))
+            .unwrap_err();
+        assert!(e.contains("clusters.acme.drill.target"), "{e}");
+        // A webhook URL may hold a token: the error names the key, not the value.
+        let e = with("[alerts]\nwebhook_url = \"hxxps://hooks.example/T0KEN\"").unwrap_err();
+        assert!(!e.contains("T0KEN"), "{e}");
+        let c = with("[alerts]\nwebhook_url = \"https://hooks.example/T0KEN\"").unwrap();
+        assert!(!format!("{c:?}").contains("T0KEN"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{Event, Outcome};
 use crate::cluster::ClusterHandle;
 use crate::error::Error;
 use crate::pg::wal::Lsn;
@@ -86,9 +87,7 @@ pub async fn drill(cluster: &ClusterHandle, opts: &DrillOptions) -> Result<Drill
     let mut record = DrillRecord {
         id: id.clone(),
         cluster: cluster.name.clone(),
-        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default(),
+        host: crate::host::hostname(),
         started,
         finished: started,
         ok: false,
@@ -140,6 +139,25 @@ pub async fn drill(cluster: &ClusterHandle, opts: &DrillOptions) -> Result<Drill
             Bytes::from(json),
         )
         .await?;
+    if let Ok(info) = cluster.repo.read_info().await
+        && let Ok(keyring) = cluster.keyring(&info).await
+    {
+        let mut event = Event::new(
+            "drill",
+            if record.ok {
+                Outcome::Ok
+            } else {
+                Outcome::Failed
+            },
+        )
+        .object(format!("drills/{id}.json"))
+        .detail(format!("target {}", record.target));
+        event.backup = record.backup.clone();
+        if let Some(e) = &record.error {
+            event = event.detail(format!("target {}: {e}", record.target));
+        }
+        crate::audit::record(cluster, &info, &keyring, event).await;
+    }
     Ok(record)
 }
 

@@ -19,6 +19,8 @@
 //! | 12 | WAL missing: the WAL a backup or restore needs is not (yet) in the repository |
 //! | 13 | recovery failed: the restored server did not reach the target |
 //! | 14 | drill failed: a check of a restore drill failed |
+//! | 15 | interrupted: stopped by SIGTERM or SIGINT; nothing half-done was kept |
+//! | 16 | audit log verification failed: a record was edited or removed |
 //! | 70 | internal error (a bug: please report it) |
 
 use crate::config::ConfigError;
@@ -61,6 +63,10 @@ pub enum Error {
     Internal(String),
     #[error("drill failed: {0}")]
     DrillFailed(String),
+    #[error("{0}")]
+    Interrupted(String),
+    #[error("{0}")]
+    AuditFailed(String),
     /// `check`'s Nagios status (1 warning, 2 critical), already reported on stdout.
     #[error("check status {0}")]
     CheckStatus(u8),
@@ -85,6 +91,8 @@ impl Error {
             Error::Internal(_) => 70,
             Error::CheckStatus(c) => *c,
             Error::DrillFailed(_) => 14,
+            Error::Interrupted(_) => 15,
+            Error::AuditFailed(_) => 16,
         }
     }
 }

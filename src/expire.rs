@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 
+use crate::audit::{self, Event, Outcome};
 use crate::backup::{BACKUP_LOCK_KEY, remove_incomplete};
 use crate::cluster::ClusterHandle;
 use crate::error::Error;
@@ -136,7 +137,39 @@ pub async fn plan(cluster: &ClusterHandle, now: DateTime<Utc>) -> Result<ExpireP
     })
 }
 
+/// Carries out `plan`, and records what it deleted in the audit log (also when it failed
+/// half-way: what was deleted until then).
 pub async fn execute(cluster: &ClusterHandle, plan: ExpirePlan) -> Result<ExpireOutcome, Error> {
+    let info = cluster.repo.read_info().await?;
+    let keyring = cluster.keyring(&info).await?;
+    let mut done_backups = Vec::new();
+    let mut done_wal = 0usize;
+    let result = execute_plan(cluster, plan, &mut done_backups, &mut done_wal).await;
+    if result.is_err() || !done_backups.is_empty() || done_wal > 0 {
+        let mut event = Event::new("expire", Outcome::Ok).detail(format!(
+            "deleted {} backup(s){}, {done_wal} WAL file(s)",
+            done_backups.len(),
+            if done_backups.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", done_backups.join(", "))
+            }
+        ));
+        event.objects = done_backups
+            .iter()
+            .map(|id| BackupManifest::manifest_name(id))
+            .collect();
+        audit::record(cluster, &info, &keyring, event.outcome_of(&result)).await;
+    }
+    result
+}
+
+async fn execute_plan(
+    cluster: &ClusterHandle,
+    plan: ExpirePlan,
+    done_backups: &mut Vec<String>,
+    done_wal: &mut usize,
+) -> Result<ExpireOutcome, Error> {
     let repo: &Repository = &cluster.repo;
     for id in &plan.delete_backups {
         // Manifest first: from then on the backup is incomplete, never half-listed.
@@ -146,10 +179,12 @@ pub async fn execute(cluster: &ClusterHandle, plan: ExpirePlan) -> Result<Expire
         repo.store()
             .remove_prefix(&repo.key(&format!("backups/{id}/")))
             .await?;
+        done_backups.push(id.clone());
         tracing::info!(backup = %id, "expired backup");
     }
     for key in &plan.delete_wal {
         repo.store().delete(key).await?;
+        *done_wal += 1;
     }
     if !plan.delete_wal.is_empty() {
         tracing::info!(

@@ -2,6 +2,7 @@
 
 use secrecy::ExposeSecret;
 
+use crate::audit::{Event, Outcome};
 use crate::cluster::ClusterHandle;
 use crate::error::Error;
 use crate::pg;
@@ -64,7 +65,7 @@ pub async fn init(cluster: &ClusterHandle) -> Result<InitOutcome, Error> {
     let mut rid = [0u8; 16];
     random_bytes(&mut rid)?;
     let repository_id = hex::encode(rid);
-    let (_, keyring_file) = Keyring::create(&master, &repository_id)?;
+    let (keyring, keyring_file) = Keyring::create(&master, &repository_id)?;
     cluster.repo.write_keyring(&keyring_file).await?;
     let info = ClusterInfo {
         format: REPOSITORY_FORMAT,
@@ -78,6 +79,11 @@ pub async fn init(cluster: &ClusterHandle) -> Result<InitOutcome, Error> {
     };
     cluster.repo.write_info(&info).await?;
     client.close().await;
+    let event = Event::new("key_init", Outcome::Ok).detail(format!(
+        "repository initialised: data key {} wrapped by master key {}",
+        keyring_file.current, keyring_file.master_key_id
+    ));
+    crate::audit::record(cluster, &info, &keyring, event).await;
     Ok(InitOutcome {
         created: true,
         repository_id,

@@ -4,13 +4,16 @@
 //! `cli` → operations (`wal`) → `repo` (catalog) → `transfer` → `pipeline` / `store` → `pg`,
 //! `config`. See docs/architecture.md.
 
+pub mod audit;
 pub mod backup;
 pub mod check;
 pub mod cluster;
 pub mod config;
+pub mod daemon;
 pub mod drill;
 pub mod error;
 pub mod expire;
+pub mod host;
 pub mod init;
 pub mod list;
 pub mod parallel;
@@ -19,6 +22,8 @@ pub mod pipeline;
 pub mod progress;
 pub mod repo;
 pub mod restore;
+pub mod schedule;
+pub mod state;
 pub mod store;
 pub mod transfer;
 pub mod wal;

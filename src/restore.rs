@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use aws_lc_rs::digest;
 use chrono::{DateTime, FixedOffset, Utc};
 
+use crate::audit::{self, Event, Outcome};
 use crate::cluster::ClusterHandle;
 use crate::error::Error;
 use crate::parallel::run_bounded;
@@ -304,6 +305,27 @@ pub async fn restore(
 ) -> Result<RestoreOutcome, Error> {
     let started = Instant::now();
     let catalog = cluster.catalog().await?;
+    let mut chosen = None;
+    let result = restore_from(cluster, &catalog, opts, started, &mut chosen).await;
+    let mut event = Event::new("restore", Outcome::Ok)
+        .detail(format!(
+            "target {} into {}",
+            opts.target.describe(),
+            opts.pgdata.display()
+        ))
+        .outcome_of(&result);
+    event.backup = chosen;
+    audit::record(cluster, &catalog.info, &catalog.keyring, event).await;
+    result
+}
+
+async fn restore_from(
+    cluster: &ClusterHandle,
+    catalog: &crate::cluster::Catalog,
+    opts: &RestoreOptions,
+    started: Instant,
+    chosen: &mut Option<String>,
+) -> Result<RestoreOutcome, Error> {
     let (info, keyring, backups, idx, ranges) = (
         &catalog.info,
         &catalog.keyring,
@@ -316,7 +338,7 @@ pub async fn restore(
     let located;
     let opts = match (&opts.target, &opts.backup) {
         (RecoveryTarget::Name(_) | RecoveryTarget::Xid(_), None) => {
-            let id = locate_backup_for_target(cluster, &catalog, opts).await?;
+            let id = locate_backup_for_target(cluster, catalog, opts).await?;
             located = RestoreOptions {
                 backup: Some(id),
                 ..opts.clone()
@@ -330,7 +352,17 @@ pub async fn restore(
         tracing::warn!("{w}");
     }
     tracing::info!(backup = %backup.id, target = %opts.target.describe(), timeline, "restoring");
+    *chosen = Some(backup.id.clone());
     preflight_restore_command(cluster, opts, &backup)?;
+    // Recorded before any byte of the backup is read, so even a killed restore leaves a trace.
+    let event = Event::new("restore", Outcome::Started)
+        .backup(backup.id.clone())
+        .detail(format!(
+            "target {} into {}",
+            opts.target.describe(),
+            opts.pgdata.display()
+        ));
+    audit::record(cluster, info, keyring, event).await;
 
     prepare_target(&opts.pgdata, opts.force)?;
     let mut result = restore_files(cluster, info, keyring, &backup, opts).await;

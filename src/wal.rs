@@ -5,6 +5,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::audit::{Event, Outcome};
 use crate::cluster::ClusterHandle;
 use crate::error::Error;
 use crate::pg::control::{LONG_PAGE_HEADER_LEN, parse_segment_header, read_system_identifier};
@@ -269,6 +270,27 @@ pub async fn wal_fetch(
         return Err(Error::NotFound(format!("{name}: not in the repository")));
     }
     let keyring = cluster.keyring(&info).await?;
+    // Every WAL file handed to a recovering server is an access to the client's data.
+    let result = fetch_to(cluster, &info, &keyring, &wal, &obj, dest, started).await;
+    if !matches!(result, Err(Error::NotFound(_))) {
+        let event = Event::new("wal_fetch", Outcome::Ok)
+            .object(obj.name.clone())
+            .outcome_of(&result);
+        crate::audit::record(cluster, &info, &keyring, event).await;
+    }
+    result
+}
+
+async fn fetch_to(
+    cluster: &ClusterHandle,
+    info: &ClusterInfo,
+    keyring: &std::sync::Arc<crate::pipeline::Keyring>,
+    wal: &WalFileName,
+    obj: &transfer::ObjectRef,
+    dest: &Path,
+    started: Instant,
+) -> Result<FetchOutcome, Error> {
+    let name = wal.name.as_str();
     let dir = match dest.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -283,7 +305,7 @@ pub async fn wal_fetch(
         .map_err(|e| Error::LocalIo(format!("{}: {e}", tmp.display())))?;
     let guard = TempFile(Some(tmp.clone()));
     let out = io::BufWriter::with_capacity(256 * 1024, file);
-    let (stats, out) = match transfer::get(cluster.repo.store(), &obj, &keyring, false, out).await {
+    let (stats, out) = match transfer::get(cluster.repo.store(), obj, keyring, false, out).await {
         Ok(r) => r,
         Err(TransferError::Store(StoreError::NotFound { .. })) => {
             return Err(Error::NotFound(format!("{name}: not in the repository")));

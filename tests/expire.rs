@@ -21,10 +21,17 @@ async fn expire_keeps_exactly_the_window() {
     c.batch_execute("create table t(x int)").await.unwrap();
 
     let mut backups = Vec::new();
+    let mut inserted = Vec::new();
     for i in 0..3 {
-        c.batch_execute(&format!("insert into t values ({i})"))
+        let at: chrono::DateTime<chrono::Utc> = c
+            .query_one(
+                &format!("insert into t values ({i}) returning clock_timestamp()"),
+                &[],
+            )
             .await
-            .unwrap();
+            .unwrap()
+            .get(0);
+        inserted.push(at);
         pg.switch_wal().await;
         let r = tidemark(&dir.path, &["--config", s(&cfg), "backup", "--json"]).ok();
         backups.push(serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap());
@@ -38,8 +45,8 @@ async fn expire_keeps_exactly_the_window() {
             .unwrap()
             .with_timezone(&chrono::Utc)
     };
-    // A window that starts between backup 1 and backup 2.
-    let window_start = stop(1) + (stop(2) - stop(1)) / 2;
+    // A window that starts between backup 1's end and row 2 (which backup 2 then holds).
+    let window_start = stop(1) + (inserted[2] - stop(1)) / 2;
     let window_ms = (chrono::Utc::now() - window_start).num_milliseconds();
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
         "[clusters.acme]",
@@ -156,6 +163,6 @@ async fn expire_keeps_exactly_the_window() {
         .map(|r| r.get(0))
         .collect();
     // Row 2 was written 1.5 s after backup 1 ended, after the window start (half-way between
-    // the ends of backups 1 and 2).
+    // the end of backup 1 and row 2).
     assert_eq!(rows, vec![0, 1], "state at the window start");
 }

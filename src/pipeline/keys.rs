@@ -30,6 +30,7 @@ pub const KEY_ID_LEN: usize = 16;
 const KEK_INFO: &[u8] = b"tidemark/v1/kek";
 const MASTER_ID_INFO: &[u8] = b"tidemark/v1/master-key-id";
 const DEK_WRAP_AAD: &[u8] = b"tidemark/v1/dek";
+const AUDIT_MAC_INFO: &[u8] = b"tidemark/v1/audit-mac";
 
 /// Fills `buf` from the operating system's CSPRNG (getrandom(2)).
 ///
@@ -325,6 +326,29 @@ impl Keyring {
     /// The key with this id, if the keyring holds it.
     pub fn get(&self, id: &[u8; KEY_ID_LEN]) -> Option<&DataKey> {
         self.keys.iter().find(|k| &k.id == id)
+    }
+
+    /// HMAC-SHA256 of `data` under the audit key derived from data key `key_id`: HKDF-SHA256
+    /// with an empty salt over the data key, info = "tidemark/v1/audit-mac" ||
+    /// len32(repository_id) || repository_id (docs/format.md, audit). None if the keyring
+    /// does not hold that key.
+    pub fn audit_mac(
+        &self,
+        key_id: &[u8; KEY_ID_LEN],
+        repository_id: &str,
+        data: &[u8],
+    ) -> Option<[u8; 32]> {
+        let dek = self.get(key_id)?;
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(dek.secret());
+        let mut info = AUDIT_MAC_INFO.to_vec();
+        push_field(&mut info, repository_id.as_bytes());
+        let mut k = Zeroizing::new([0u8; KEY_LEN]);
+        expand(&prk, &info, &mut k[..]);
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &k[..]);
+        let tag = aws_lc_rs::hmac::sign(&key, data);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        Some(out)
     }
 }
 

@@ -30,6 +30,7 @@ pub type WalListing = (
     Vec<String>,
 );
 
+pub mod lease;
 pub mod manifest;
 pub mod walindex;
 pub mod window;

@@ -35,6 +35,24 @@ pub struct WalSummary {
     pub unrecognised: Vec<String>,
 }
 
+/// Gaps that end at or after segment `from` (the oldest backup's first segment): WAL missing
+/// there breaks the restorable history. With no backup (`None`) every gap counts.
+pub fn gaps_from(summary: &WalSummary, from: Option<u64>) -> Vec<(u32, WalGap)> {
+    let ss = summary.wal_segment_size;
+    summary
+        .timelines
+        .iter()
+        .flat_map(|t| t.gaps.iter().map(move |g| (t.timeline, g.clone())))
+        .filter(|(_, g)| {
+            let to = WalFileName::parse(&g.to).and_then(|f| f.segment_no(ss));
+            match (from, to) {
+                (Some(start), Some(to)) => to >= start,
+                _ => true,
+            }
+        })
+        .collect()
+}
+
 /// Summarises archived WAL files. Segment numbers come from names, so the segment size must be
 /// the cluster's.
 pub fn summarise(files: &[WalFileName], strays: Vec<String>, segment_size: u64) -> WalSummary {

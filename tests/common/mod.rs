@@ -328,8 +328,10 @@ pub fn write_config(
         ),
     };
     let key = dir.join(&format!("{cluster}.key"));
+    // Each test its own state directory: audit chains, wal-push counters, the daemon's lock.
     let mut text = format!(
-        "[repository]\n{repo}{extra_repo}\n[clusters.{cluster}]\nkey_file = \"{}\"\n",
+        "state_dir = \"{}\"\n[repository]\n{repo}{extra_repo}\n[clusters.{cluster}]\nkey_file = \"{}\"\n",
+        dir.join("state").display(),
         key.display()
     );
     if let Some(pg) = pg {
@@ -839,4 +841,198 @@ pub fn make_server_cert(dir: &Path, ca: &str) {
         ])
         .collect::<Vec<_>>(),
     );
+}
+
+/// A webhook receiver on 127.0.0.1: records the JSON body of every POST, answers 200.
+pub struct Webhook {
+    pub url: String,
+    pub received: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Webhook {
+    pub fn start() -> Webhook {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let received: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>> = Default::default();
+        let r = received.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    loop {
+                        let mut len = 0usize;
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        loop {
+                            let mut h = String::new();
+                            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if h == "\r\n" {
+                                break;
+                            }
+                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                len = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        let mut body = vec![0u8; len];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        if let Ok(v) = serde_json::from_slice(&body) {
+                            r.lock().unwrap().push(v);
+                        }
+                        let mut w = &stream;
+                        let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                    }
+                });
+            }
+        });
+        Webhook { url, received }
+    }
+
+    pub fn all(&self) -> Vec<serde_json::Value> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+/// GET http://addr/path; returns (status, body).
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split(' ').nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|x| x.1.to_string())?;
+    Some((status, body))
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for a test).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The value of a metric sample `name{labels}` in a Prometheus text body.
+pub fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == name_and_labels).then(|| v.parse().ok())?
+    })
+}
+
+/// `tidemark daemon` running as the test user, its log in a file; killed on drop.
+pub struct DaemonProc {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl DaemonProc {
+    pub fn start(dir: &TestDir, cfg: &Path, tag: &str) -> DaemonProc {
+        let log = dir.join(&format!("daemon-{tag}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = as_user(tidemark_bin())
+            .arg("--config")
+            .arg(cfg)
+            .arg("daemon")
+            .current_dir(&dir.path)
+            .env_remove("TIDEMARK_CONFIG")
+            .env_remove("TIDEMARK_CLUSTER")
+            .env("TIDEMARK_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .expect("start tidemark daemon");
+        DaemonProc { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The daemon's own pid (under runuser when the tests run as root).
+    pub fn daemon_pid(&self) -> i32 {
+        let me = self.child.id() as i32;
+        let out = Command::new("pgrep")
+            .arg("-P")
+            .arg(me.to_string())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(me)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let out = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.daemon_pid().to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kill -{sig}: {out:?}");
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the exit code.
+    pub fn stop(&mut self, timeout: Duration) -> i32 {
+        self.signal("TERM");
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code().unwrap_or(-1);
+            }
+            assert!(
+                t.elapsed() < timeout,
+                "daemon did not stop within {timeout:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(self.daemon_pid().to_string())
+                .output();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `f` every 200 ms until it returns Some, or panics after `timeout` with `what`.
+pub async fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -1,0 +1,228 @@
+//! Delivers notifications: a JSON POST to `[alerts] webhook_url` and/or the `[alerts] command`
+//! (the JSON on its stdin), in order, each retried with backoff for a while. A receiver that
+//! stays down loses notifications after the retries (logged, counted in
+//! tidemark_alert_delivery_failures_total); it never blocks the daemon.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use super::alerts::Notification;
+
+const ATTEMPTS: u32 = 6;
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+#[derive(Clone)]
+pub struct Targets {
+    webhook: Option<(SecretString, HttpsClient)>,
+    command: Option<Vec<String>>,
+}
+
+#[derive(Default)]
+pub struct DeliveryCounters {
+    pub sent: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+impl Targets {
+    pub fn new(
+        webhook_url: Option<&SecretString>,
+        ca_file: Option<&std::path::Path>,
+        command: Option<&Vec<String>>,
+    ) -> Result<Targets, String> {
+        let webhook = match webhook_url {
+            None => None,
+            Some(url) => Some((url.clone(), https_client(ca_file)?)),
+        };
+        Ok(Targets {
+            webhook,
+            command: command.cloned(),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.webhook.is_none() && self.command.is_none()
+    }
+}
+
+fn https_client(ca_file: Option<&std::path::Path>) -> Result<HttpsClient, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for c in native.certs {
+        let _ = roots.add(c);
+    }
+    if let Some(path) = ca_file {
+        let err =
+            |e: &dyn std::fmt::Display| format!("alerts.webhook_ca_file {}: {e}", path.display());
+        let mut n = 0;
+        for c in CertificateDer::pem_file_iter(path).map_err(|e| err(&e))? {
+            roots.add(c.map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(err(&"no certificate in it"));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
+}
+
+/// Starts the delivery task; send notifications into the returned channel. Targets can be
+/// replaced (config reload) through the watch sender.
+pub fn start(
+    targets: tokio::sync::watch::Receiver<Targets>,
+    counters: Arc<DeliveryCounters>,
+) -> mpsc::UnboundedSender<Notification> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Notification>();
+    tokio::spawn(async move {
+        while let Some(n) = rx.recv().await {
+            let t = targets.borrow().clone();
+            let ok = deliver(&t, &n).await;
+            if ok {
+                counters.sent.fetch_add(1, Ordering::Relaxed);
+            } else {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    tx
+}
+
+/// Delivers one notification to every target; true when all succeeded.
+pub async fn deliver(t: &Targets, n: &Notification) -> bool {
+    let body = match serde_json::to_vec(n) {
+        Ok(b) => b,
+        Err(_) => return false,
+    };
+    let mut ok = true;
+    if let Some((url, client)) = &t.webhook {
+        ok &= retry("webhook", n, || post(client, url, body.clone())).await;
+    }
+    if let Some(cmd) = &t.command {
+        ok &= retry("command", n, || run_command(cmd, n, body.clone())).await;
+    }
+    if t.webhook.is_none() && t.command.is_none() {
+        tracing::warn!(event = %n.event, cluster = %n.cluster, severity = %n.severity, "alert (no [alerts] webhook_url or command configured): {}", n.message);
+    }
+    ok
+}
+
+async fn retry<F, Fut>(what: &str, n: &Notification, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let mut wait = Duration::from_secs(1);
+    for attempt in 1..=ATTEMPTS {
+        match f().await {
+            Ok(()) => {
+                tracing::info!(target_kind = what, event = %n.event, cluster = %n.cluster, severity = %n.severity, "alert delivered");
+                return true;
+            }
+            Err(e) if attempt == ATTEMPTS => {
+                tracing::error!(target_kind = what, event = %n.event, cluster = %n.cluster, error = %e, "alert not delivered after {ATTEMPTS} attempts");
+            }
+            Err(e) => {
+                tracing::warn!(target_kind = what, event = %n.event, error = %e, "alert delivery failed; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
+    }
+    false
+}
+
+async fn post(client: &HttpsClient, url: &SecretString, body: Vec<u8>) -> Result<(), String> {
+    // Errors never print the URL: it may hold a token.
+    let req = hyper::Request::post(url.expose_secret())
+        .header("content-type", "application/json")
+        .header(
+            "user-agent",
+            concat!("tidemark/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|_| "webhook_url is not a valid request URL".to_string())?;
+    let resp = tokio::time::timeout(ATTEMPT_TIMEOUT, client.request(req))
+        .await
+        .map_err(|_| format!("webhook: no response within {ATTEMPT_TIMEOUT:?}"))?
+        .map_err(|e| format!("webhook: {}", redact_error(&e)))?;
+    let status = resp.status();
+    // Drain the body so the connection can be reused.
+    let _ = tokio::time::timeout(ATTEMPT_TIMEOUT, resp.into_body().collect()).await;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("webhook answered HTTP {status}"))
+    }
+}
+
+/// hyper's errors name the failure (connect refused, TLS), not the URL; keep the chain.
+fn redact_error(e: &hyper_util::client::legacy::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(x) = src {
+        s.push_str(&format!(": {x}"));
+        src = x.source();
+    }
+    s
+}
+
+async fn run_command(cmd: &[String], n: &Notification, body: Vec<u8>) -> Result<(), String> {
+    let (program, args) = cmd.split_first().ok_or("alerts.command is empty")?;
+    let mut c = tokio::process::Command::new(program);
+    c.args(args)
+        .env("TIDEMARK_ALERT_CLUSTER", &n.cluster)
+        .env("TIDEMARK_ALERT_SEVERITY", &n.severity)
+        .env("TIDEMARK_ALERT_STATUS", &n.status)
+        .env("TIDEMARK_ALERT_EVENT", &n.event)
+        .env("TIDEMARK_ALERT_MESSAGE", &n.message)
+        .env("TIDEMARK_ALERT_TEXT", &n.text)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = c
+        .spawn()
+        .map_err(|e| format!("alerts.command {program}: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(&body).await;
+    }
+    let out = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| format!("alerts.command {program}: still running after {COMMAND_TIMEOUT:?}"))?
+        .map_err(|e| format!("alerts.command {program}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(format!(
+            "alerts.command {program} exited with {}: {}",
+            out.status,
+            err.lines().last().unwrap_or("")
+        ))
+    }
+}

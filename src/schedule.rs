@@ -1,0 +1,586 @@
+//! Cron schedules for the tidemark daemon: 5-field cron expressions evaluated in an IANA
+//! time zone with Vixie-cron semantics.
+//!
+//! Syntax: `minute hour day-of-month month day-of-week`, ranges 0-59, 0-23, 1-31, 1-12
+//! (or `JAN`-`DEC`), 0-7 (0 and 7 are Sunday, or `SUN`-`SAT`); names are case-insensitive.
+//! A field item is `*`, `n`, `a-b`, `*/s`, `a-b/s` or `a/s` (`a` to the field maximum);
+//! items combine with commas. Macros: `@yearly`/`@annually`, `@monthly`, `@weekly`,
+//! `@daily`/`@midnight`, `@hourly`; `@reboot` and seconds fields are rejected. As in Vixie
+//! cron, when both day fields are restricted (neither starts with `*`) a day matches if
+//! EITHER matches; otherwise both must.
+//!
+//! DST (Vixie cron): a job is *fixed-time* when neither its minute nor its hour field starts
+//! with `*`; all other jobs are *wildcard* jobs.
+//! - Gap (spring forward): a fixed-time run whose local time does not exist fires once at the
+//!   first instant after the gap; several such runs in one gap collapse into that one firing.
+//!   Wildcard jobs simply have no runs at non-existent local times.
+//! - Overlap (fall back): a fixed-time run fires only at the first occurrence of its local
+//!   time; a wildcard job fires at both occurrences.
+//!
+//! Assumption: a zone's UTC offset never changes by 3 hours or more at once (true of every
+//! current zone; the largest modern DST shift is 2h), which bounds how far wall-clock and
+//! instant order can disagree.
+
+use std::fmt;
+
+use chrono::{DateTime, Datelike, Months, NaiveDate, NaiveDateTime, TimeDelta, TimeZone, Utc};
+use chrono_tz::Tz;
+
+/// Bound on a local offset change; candidates further than this in wall-clock time from a
+/// point cannot be on the other side of it in instant order.
+const SLACK: TimeDelta = TimeDelta::hours(3);
+/// Search horizon of [`Schedule::next_after`].
+const HORIZON_YEARS: u32 = 50;
+
+struct FieldSpec {
+    name: &'static str,
+    min: u32,
+    max: u32,
+    /// Names for `min`, `min + 1`, ...
+    names: &'static [&'static str],
+}
+
+const FIELDS: [FieldSpec; 5] = [
+    FieldSpec {
+        name: "minute",
+        min: 0,
+        max: 59,
+        names: &[],
+    },
+    FieldSpec {
+        name: "hour",
+        min: 0,
+        max: 23,
+        names: &[],
+    },
+    FieldSpec {
+        name: "day-of-month",
+        min: 1,
+        max: 31,
+        names: &[],
+    },
+    FieldSpec {
+        name: "month",
+        min: 1,
+        max: 12,
+        names: &[
+            "JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC",
+        ],
+    },
+    FieldSpec {
+        name: "day-of-week",
+        min: 0,
+        max: 7,
+        names: &["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"],
+    },
+];
+
+/// A parsed cron expression bound to a time zone. Each field is a bit set of allowed values.
+#[derive(Clone)]
+pub struct Schedule {
+    minutes: u64,
+    hours: u64,
+    dom: u64,
+    months: u64,
+    /// Bits 0-6, Sunday = 0 (7 is folded into 0 at parse time).
+    dow: u64,
+    /// Either day field starts with `*`: days must match both fields rather than either.
+    day_and: bool,
+    /// Neither minute nor hour starts with `*` (see the module docs for why this matters).
+    fixed_time: bool,
+    tz: Tz,
+    expr: String,
+}
+
+impl Schedule {
+    /// Parses `expr` (5 fields or a macro) in time zone `tz` (IANA name such as
+    /// "Europe/Berlin", or "UTC"). Errors quote the expression and name the field and value.
+    pub fn parse(expr: &str, tz: &str) -> Result<Schedule, String> {
+        let tz = parse_timezone(tz)?;
+        let expr = expr.trim();
+        let err = |msg: String| format!("cron \"{expr}\": {msg}");
+        let body = match expr.strip_prefix('@') {
+            None => expr,
+            Some(name) => match name.to_ascii_lowercase().as_str() {
+                "yearly" | "annually" => "0 0 1 1 *",
+                "monthly" => "0 0 1 * *",
+                "weekly" => "0 0 * * 0",
+                "daily" | "midnight" => "0 0 * * *",
+                "hourly" => "0 * * * *",
+                "reboot" => return Err(err("@reboot is not supported".into())),
+                _ => return Err(err(format!("unknown macro @{name}"))),
+            },
+        };
+        let fields: Vec<&str> = body.split_whitespace().collect();
+        if fields.len() != 5 {
+            let hint = if fields.len() == 6 {
+                " (seconds fields are not supported)"
+            } else {
+                ""
+            };
+            return Err(err(format!(
+                "expected 5 fields (minute hour day-of-month month day-of-week), found {}{hint}",
+                fields.len()
+            )));
+        }
+        let mut masks = [0u64; 5];
+        for (mask, (text, spec)) in masks.iter_mut().zip(fields.iter().zip(&FIELDS)) {
+            *mask = parse_field(text, spec).map_err(err)?;
+        }
+        let [minutes, hours, dom, months, mut dow] = masks;
+        if dow & (1 << 7) != 0 {
+            dow = (dow & !(1 << 7)) | 1;
+        }
+        let star = |i: usize| fields[i].starts_with('*');
+        Ok(Schedule {
+            minutes,
+            hours,
+            dom,
+            months,
+            dow,
+            day_and: star(2) || star(4),
+            fixed_time: !star(0) && !star(1),
+            tz,
+            expr: expr.to_string(),
+        })
+    }
+
+    /// The first firing instant strictly after `after`; None only if none exists within 50
+    /// years. Successive calls fed their own results yield strictly increasing instants.
+    pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        // Wall-clock order differs from instant order in an overlap, so scan wall-clock
+        // candidates from SLACK before `after` and keep the minimal instant, stopping once
+        // candidates are SLACK past the best local time (they cannot be earlier instants).
+        let start = self.local(after) - SLACK;
+        let last_day = start
+            .date()
+            .checked_add_months(Months::new(12 * HORIZON_YEARS));
+        let mut best: Option<(DateTime<Utc>, NaiveDateTime)> = None;
+        let mut day = start.date();
+        while last_day.is_none_or(|last| day <= last) {
+            if let Some((instant, cutoff)) = best
+                && day > cutoff.date()
+            {
+                return Some(instant);
+            }
+            if self.day_matches(day) {
+                for (hour, minute) in
+                    bits(self.hours).flat_map(|h| bits(self.minutes).map(move |m| (h, m)))
+                {
+                    let t = day
+                        .and_hms_opt(hour, minute, 0)
+                        .expect("hour and minute bits are range-checked at parse time");
+                    if t < start {
+                        continue;
+                    }
+                    if let Some((instant, cutoff)) = best
+                        && t > cutoff
+                    {
+                        return Some(instant);
+                    }
+                    for instant in self.instants(t).into_iter().flatten() {
+                        if instant > after && best.is_none_or(|(b, _)| instant < b) {
+                            best = Some((instant, self.local(instant) + SLACK));
+                        }
+                    }
+                }
+            }
+            match day.succ_opt() {
+                Some(next) => day = next,
+                None => break,
+            }
+        }
+        best.map(|(instant, _)| instant)
+    }
+
+    /// The expected interval between runs around `now`:
+    /// `next_after(next_after(now)) - next_after(now)`; None if either run does not exist.
+    pub fn period_at(&self, now: DateTime<Utc>) -> Option<std::time::Duration> {
+        let first = self.next_after(now)?;
+        let second = self.next_after(first)?;
+        (second - first).to_std().ok()
+    }
+
+    /// The expression as given to [`Schedule::parse`] (trimmed; macros are not expanded).
+    pub fn expression(&self) -> &str {
+        &self.expr
+    }
+
+    /// The time zone the expression is evaluated in.
+    pub fn timezone(&self) -> Tz {
+        self.tz
+    }
+
+    fn local(&self, instant: DateTime<Utc>) -> NaiveDateTime {
+        instant.with_timezone(&self.tz).naive_local()
+    }
+
+    fn day_matches(&self, day: NaiveDate) -> bool {
+        if !bit(self.months, day.month()) {
+            return false;
+        }
+        let dom = bit(self.dom, day.day());
+        let dow = bit(self.dow, day.weekday().num_days_from_sunday());
+        if self.day_and { dom && dow } else { dom || dow }
+    }
+
+    /// The instants at which matching wall-clock time `t` fires, per the module's DST rules.
+    fn instants(&self, t: NaiveDateTime) -> [Option<DateTime<Utc>>; 2] {
+        match self.tz.from_local_datetime(&t) {
+            chrono::LocalResult::Single(d) => [Some(d.to_utc()), None],
+            chrono::LocalResult::Ambiguous(a, b) => {
+                let (a, b) = (a.to_utc().min(b.to_utc()), a.to_utc().max(b.to_utc()));
+                [Some(a), (!self.fixed_time).then_some(b)]
+            }
+            chrono::LocalResult::None if self.fixed_time => [self.gap_end(t), None],
+            chrono::LocalResult::None => [None, None],
+        }
+    }
+
+    /// The first instant after the gap containing the non-existent wall-clock time `t`: the
+    /// earliest instant whose local time exceeds `t`. Offsets stay within ±16h, so the
+    /// search window `t ∓ 17h` (read as UTC) starts before and ends after the transition.
+    fn gap_end(&self, t: NaiveDateTime) -> Option<DateTime<Utc>> {
+        let local_at = |ts: i64| DateTime::from_timestamp(ts, 0).map(|u| self.local(u));
+        let center = t.and_utc().timestamp();
+        let (mut lo, mut hi) = (center - 17 * 3600, center + 17 * 3600);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if local_at(mid)? < t {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        DateTime::from_timestamp(hi, 0)
+    }
+}
+
+impl fmt::Debug for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Schedule")
+            .field("expression", &self.expr)
+            .field("timezone", &self.tz.name())
+            .finish()
+    }
+}
+
+/// Parses an IANA time zone name (e.g. "Europe/Berlin", "UTC"); the error names the value.
+pub fn parse_timezone(s: &str) -> Result<Tz, String> {
+    s.trim().parse::<Tz>().map_err(|_| {
+        format!(
+            "unknown time zone \"{s}\" (expected an IANA name such as \"Europe/Berlin\" or \"UTC\")"
+        )
+    })
+}
+
+fn bit(mask: u64, value: u32) -> bool {
+    (mask >> value) & 1 == 1
+}
+
+fn bits(mask: u64) -> impl Iterator<Item = u32> {
+    (0..64).filter(move |&v| bit(mask, v))
+}
+
+/// Parses one field into a bit set of allowed values; errors name the field and value.
+fn parse_field(text: &str, spec: &FieldSpec) -> Result<u64, String> {
+    let name = spec.name;
+    let mut mask = 0u64;
+    for item in text.split(',') {
+        if item.is_empty() {
+            return Err(format!("{name} has an empty list item in \"{text}\""));
+        }
+        let (range, step) = match item.split_once('/') {
+            None => (item, None),
+            Some((range, step)) => match step.parse::<u32>() {
+                Ok(0) => return Err(format!("{name} step 0 in \"{item}\" must be at least 1")),
+                Ok(step) => (range, Some(step)),
+                Err(_) => return Err(format!("{name} step \"{step}\" is not a number")),
+            },
+        };
+        let (lo, hi) = if range == "*" {
+            (spec.min, spec.max)
+        } else if let Some((a, b)) = range.split_once('-') {
+            (field_value(a, spec)?, field_value(b, spec)?)
+        } else {
+            let a = field_value(range, spec)?;
+            (a, if step.is_some() { spec.max } else { a })
+        };
+        if lo > hi {
+            return Err(format!("{name} range {range} is reversed"));
+        }
+        let step = usize::try_from(step.unwrap_or(1)).unwrap_or(usize::MAX);
+        for v in (lo..=hi).step_by(step) {
+            mask |= 1 << v;
+        }
+    }
+    Ok(mask)
+}
+
+fn field_value(s: &str, spec: &FieldSpec) -> Result<u32, String> {
+    let name = spec.name;
+    let (min, max) = (spec.min, spec.max);
+    let value = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        s.parse::<u32>().ok().filter(|v| (min..=max).contains(v))
+    } else if let Some(i) = spec.names.iter().position(|n| n.eq_ignore_ascii_case(s)) {
+        u32::try_from(i).ok().map(|i| min + i)
+    } else {
+        let kind = if spec.names.is_empty() {
+            "a number"
+        } else {
+            "a number or name"
+        };
+        return Err(format!("{name} value \"{s}\" is not {kind}"));
+    };
+    value.ok_or_else(|| format!("{name} {s} out of range {min}-{max}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Timelike;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        NaiveDateTime::parse_from_str(s, "%FT%RZ")
+            .unwrap()
+            .and_utc()
+    }
+
+    /// The first `n` firings after `from`, formatted like `at` parses.
+    fn runs(expr: &str, tz: &str, from: &str, n: usize) -> Vec<String> {
+        let s = Schedule::parse(expr, tz).unwrap();
+        let next = |t: &DateTime<Utc>| s.next_after(*t);
+        let all = std::iter::successors(next(&at(from)), next).take(n);
+        all.map(|t| t.format("%FT%RZ").to_string()).collect()
+    }
+
+    /// zone | expression | after | the exact next firings (UTC). Berlin 2026: spring forward
+    /// 03-29 02:00 CET -> 03:00 CEST, fall back 10-25 03:00 CEST -> 02:00 CET. New York 2026:
+    /// 03-08 02:00 EST -> 03:00 EDT, 11-01 02:00 EDT -> 01:00 EST.
+    const CASES: &str = "
+        UTC              | 0 2 * * *      | 2026-01-10T00:00Z | 2026-01-10T02:00Z 2026-01-11T02:00Z
+        UTC              | 0 2 * * *      | 2026-01-10T02:00Z | 2026-01-11T02:00Z
+        Europe/Berlin    | 0 2 * * *      | 2026-01-10T00:00Z | 2026-01-10T01:00Z 2026-01-11T01:00Z
+        Europe/Berlin    | 0 2 * * *      | 2026-07-09T23:00Z | 2026-07-10T00:00Z 2026-07-11T00:00Z
+        UTC              | */15 * * * *   | 2026-01-10T10:07Z | 2026-01-10T10:15Z 2026-01-10T10:30Z 2026-01-10T10:45Z 2026-01-10T11:00Z
+        UTC              | 0 1-10/3 * * * | 2026-01-10T00:00Z | 2026-01-10T01:00Z 2026-01-10T04:00Z 2026-01-10T07:00Z 2026-01-10T10:00Z 2026-01-11T01:00Z
+        UTC              | 50/5 23 * * *  | 2026-01-10T00:00Z | 2026-01-10T23:50Z 2026-01-10T23:55Z 2026-01-11T23:50Z
+        UTC              | 0 9 * * 1-5    | 2026-01-09T09:00Z | 2026-01-12T09:00Z 2026-01-13T09:00Z
+        UTC              | 0 0 1 * *      | 2026-01-15T00:00Z | 2026-02-01T00:00Z 2026-03-01T00:00Z
+        UTC              | 0 4 * * SUN    | 2026-03-01T12:00Z | 2026-03-08T04:00Z 2026-03-15T04:00Z
+        UTC              | 0 0 1 JAN *    | 2026-03-01T12:00Z | 2027-01-01T00:00Z 2028-01-01T00:00Z
+        UTC              | @weekly        | 2026-03-01T12:00Z | 2026-03-08T00:00Z
+        UTC              | @hourly        | 2026-03-01T12:00Z | 2026-03-01T13:00Z
+        UTC              | 0 0 13 * 5     | 2026-04-01T00:00Z | 2026-04-03T00:00Z 2026-04-10T00:00Z 2026-04-13T00:00Z 2026-04-17T00:00Z
+        UTC              | 0 0 */2 * 5    | 2026-04-01T00:00Z | 2026-04-03T00:00Z 2026-04-17T00:00Z
+        UTC              | 0 0 29 2 1     | 2026-03-01T00:00Z | 2027-02-01T00:00Z 2027-02-08T00:00Z
+        UTC              | 0 0 29 2 *     | 2026-01-01T00:00Z | 2028-02-29T00:00Z 2032-02-29T00:00Z
+        Europe/Berlin    | 30 2 * * *     | 2026-03-28T00:00Z | 2026-03-28T01:30Z 2026-03-29T01:00Z 2026-03-30T00:30Z
+        Europe/Berlin    | 15,45 2 * * *  | 2026-03-28T12:00Z | 2026-03-29T01:00Z 2026-03-30T00:15Z
+        Europe/Berlin    | */30 * * * *   | 2026-03-29T00:15Z | 2026-03-29T00:30Z 2026-03-29T01:00Z 2026-03-29T01:30Z
+        Europe/Berlin    | 30 2 * * *     | 2026-10-24T12:00Z | 2026-10-25T00:30Z 2026-10-26T01:30Z
+        Europe/Berlin    | */30 * * * *   | 2026-10-24T23:45Z | 2026-10-25T00:00Z 2026-10-25T00:30Z 2026-10-25T01:00Z 2026-10-25T01:30Z 2026-10-25T02:00Z
+        America/New_York | 30 2 * * *     | 2026-03-07T12:00Z | 2026-03-08T07:00Z 2026-03-09T06:30Z
+        America/New_York | 30 1 * * *     | 2026-10-31T12:00Z | 2026-11-01T05:30Z 2026-11-02T06:30Z
+        America/New_York | 0 * * * *      | 2026-11-01T04:30Z | 2026-11-01T05:00Z 2026-11-01T06:00Z 2026-11-01T07:00Z
+    ";
+
+    #[test]
+    fn exact_firings() {
+        for line in CASES.lines().filter(|l| !l.trim().is_empty()) {
+            let cols: Vec<&str> = line.split('|').map(str::trim).collect();
+            let want: Vec<&str> = cols[3].split(' ').collect();
+            let got = runs(cols[1], cols[0], cols[2], want.len());
+            assert_eq!(got, want, "{line}");
+        }
+    }
+
+    #[test]
+    fn macros_names_and_accessors() {
+        let from = "2026-03-01T12:00Z";
+        for (a, b) in [
+            ("@yearly", "0 0 1 1 *"),
+            ("@annually", "0 0 1 1 *"),
+            ("@monthly", "0 0 1 * *"),
+            ("@weekly", "0 0 * * 0"),
+            ("@daily", "0 0 * * *"),
+            ("@midnight", "0 0 * * *"),
+            ("@HOURLY", "0 * * * *"),
+            ("0 4 * * SUN", "0 4 * * 0"),
+            ("0 4 * * 7", "0 4 * * 0"),
+            ("0 0 1 jan *", "0 0 1 1 *"),
+            ("0 9 * * mon-FRI", "0 9 * * 1-5"),
+        ] {
+            assert_eq!(
+                runs(a, "UTC", from, 3),
+                runs(b, "UTC", from, 3),
+                "{a} vs {b}"
+            );
+        }
+        let s = Schedule::parse(" @daily ", "Europe/Berlin").unwrap();
+        assert_eq!(s.expression(), "@daily");
+        assert_eq!(s.timezone(), chrono_tz::Europe::Berlin);
+        let debug = format!("{:?}", s.clone());
+        assert_eq!(
+            debug,
+            r#"Schedule { expression: "@daily", timezone: "Europe/Berlin" }"#
+        );
+        // Never fires (no Feb 30): gives up at the horizon instead of looping.
+        let never = Schedule::parse("0 0 30 2 *", "Europe/Berlin").unwrap();
+        assert_eq!(never.next_after(at("2026-01-01T00:00Z")), None);
+        assert_eq!(never.period_at(at("2026-01-01T00:00Z")), None);
+    }
+
+    #[test]
+    fn period() {
+        let period = |expr, now| {
+            Schedule::parse(expr, "Europe/Berlin")
+                .unwrap()
+                .period_at(at(now))
+        };
+        let secs = std::time::Duration::from_secs;
+        assert_eq!(period("0 2 * * *", "2026-01-10T12:00Z"), Some(secs(86_400)));
+        assert_eq!(period("* * * * *", "2026-01-10T12:00Z"), Some(secs(60)));
+        assert_eq!(
+            period("0 4 * * 0", "2026-01-10T12:00Z"),
+            Some(secs(7 * 86_400))
+        );
+        // Across spring forward the local day is 23 hours long.
+        assert_eq!(
+            period("0 4 * * *", "2026-03-28T00:00Z"),
+            Some(secs(23 * 3600))
+        );
+    }
+
+    #[test]
+    fn parse_errors_name_field_and_value() {
+        let err = |expr| Schedule::parse(expr, "UTC").unwrap_err();
+        assert_eq!(
+            err("0 25 * * *"),
+            r#"cron "0 25 * * *": hour 25 out of range 0-23"#
+        );
+        for (expr, want) in [
+            ("60 * * * *", "minute 60 out of range 0-59"),
+            ("* * 0 * *", "day-of-month 0 out of range 1-31"),
+            ("* * * 13 *", "month 13 out of range 1-12"),
+            ("* * * * 8", "day-of-week 8 out of range 0-7"),
+            ("5-2 * * * *", "minute range 5-2 is reversed"),
+            ("* * * * SAT-SUN", "day-of-week range SAT-SUN is reversed"),
+            ("*/0 * * * *", "minute step 0"),
+            ("* */x * * *", r#"hour step "x" is not a number"#),
+            ("1,,2 * * * *", "minute has an empty list item"),
+            (
+                "* * * FOO *",
+                r#"month value "FOO" is not a number or name"#,
+            ),
+            ("* -1 * * *", r#"hour value "" is not a number"#),
+            ("@reboot", "@reboot is not supported"),
+            ("@fortnightly", "unknown macro @fortnightly"),
+            ("0 0 * * * *", "found 6 (seconds fields are not supported)"),
+            ("0 0 * *", "expected 5 fields"),
+            ("", "found 0"),
+        ] {
+            let e = err(expr);
+            assert!(
+                e.starts_with(&format!("cron \"{expr}\": ")) && e.contains(want),
+                "{e}"
+            );
+        }
+        let e = Schedule::parse("0 2 * * *", "Mars/Olympus").unwrap_err();
+        assert!(e.contains(r#"unknown time zone "Mars/Olympus""#), "{e}");
+        assert_eq!(parse_timezone("UTC").unwrap(), chrono_tz::UTC);
+        assert!(parse_timezone("").is_err());
+    }
+
+    fn matches(s: &Schedule, t: NaiveDateTime) -> bool {
+        t.second() == 0
+            && s.day_matches(t.date())
+            && bit(s.hours, t.hour())
+            && bit(s.minutes, t.minute())
+    }
+
+    const EXPRS: [&str; 8] = [
+        "*/15 * * * *",
+        "30 2 * * *",
+        "0 * * * *",
+        "15,45 1-3 * * *",
+        "0,30 2 * * *",
+        "* 2 * * *",
+        "45 1 * * 0",
+        "0 9 * * 1-5",
+    ];
+    const ZONES: [&str; 4] = [
+        "UTC",
+        "Europe/Berlin",
+        "America/New_York",
+        "Australia/Lord_Howe",
+    ];
+    /// Shortly before the 2026 transitions of the zones above (Lord Howe: 04-05, 10-04).
+    const STARTS: [&str; 6] = ["03-07", "03-28", "04-04", "10-03", "10-24", "10-31"];
+
+    #[test]
+    fn property_increasing_and_matching() {
+        for (expr, zone, start) in EXPRS
+            .iter()
+            .flat_map(|e| ZONES.iter().flat_map(move |z| STARTS.map(|s| (e, z, s))))
+        {
+            let s = Schedule::parse(expr, zone).unwrap();
+            let mut prev = at(&format!("2026-{start}T00:00Z"));
+            for _ in 0..500 {
+                let next = s.next_after(prev).unwrap();
+                assert!(next > prev, "{expr} {zone}: {next} after {prev}");
+                let local = s.local(next);
+                if !matches(&s, local) {
+                    // Only a gap-shifted fixed-time run, exactly on a spring-forward transition.
+                    let before = s.local(next - TimeDelta::seconds(1));
+                    let shifted = s.fixed_time && local - before > TimeDelta::seconds(1);
+                    assert!(
+                        shifted && s.day_matches(local.date()),
+                        "{expr} {zone}: {next} ({local}) does not match"
+                    );
+                }
+                prev = next;
+            }
+        }
+    }
+
+    /// Independent model: walk real minutes, deciding for each whether the job fires.
+    fn oracle(s: &Schedule, from: DateTime<Utc>, minutes: i64) -> Vec<DateTime<Utc>> {
+        let fires = |u: DateTime<Utc>| {
+            let local = s.local(u);
+            let first =
+                s.tz.from_local_datetime(&local)
+                    .earliest()
+                    .map(|d| d.to_utc())
+                    == Some(u);
+            let skipped = (1..)
+                .map(|k| s.local(u - TimeDelta::minutes(1)) + TimeDelta::minutes(k))
+                .take_while(|t| *t < local)
+                .any(|t| matches(s, t));
+            (matches(s, local) && (first || !s.fixed_time)) || (s.fixed_time && skipped)
+        };
+        (1..=minutes)
+            .map(|k| from + TimeDelta::minutes(k))
+            .filter(|u| fires(*u))
+            .collect()
+    }
+
+    #[test]
+    fn property_agrees_with_minute_by_minute_oracle() {
+        for (expr, zone) in EXPRS
+            .iter()
+            .flat_map(|e| ZONES[1..].iter().map(move |z| (e, z)))
+        {
+            let s = Schedule::parse(expr, zone).unwrap();
+            for start in STARTS {
+                let (from, minutes) = (at(&format!("2026-{start}T00:00Z")), 3 * 1440);
+                let want = oracle(&s, from, minutes);
+                let end = from + TimeDelta::minutes(minutes);
+                let got: Vec<_> = std::iter::successors(s.next_after(from), |t| s.next_after(*t))
+                    .take_while(|t| *t <= end)
+                    .collect();
+                assert_eq!(got, want, "{expr} {zone} from {start}");
+            }
+        }
+    }
+}

@@ -1,0 +1,501 @@
+//! `tidemark daemon` against real PostgreSQL clusters, a local repository and a real Garage:
+//! scheduled backups of two clusters (the missed run at start, then the cron schedule), a
+//! scheduled drill, metrics, the audit trail; SIGTERM during a backup; SIGHUP with a bad and
+//! a good config; an S3 outage during archiving (one alert, one "resolved", no WAL lost).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn write_owned(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    chown_to_user(path);
+}
+
+/// Two clusters archiving into one repository through one config.
+struct Fleet {
+    dir: TestDir,
+    cfg: PathBuf,
+    pgs: Vec<(String, PgCluster)>,
+}
+
+impl Fleet {
+    fn start(tag: &str, names: &[&str], repo: &str, extra: &str, per_cluster: &str) -> Fleet {
+        let dir = TestDir::new(tag);
+        let cfg = dir.join("tidemark.toml");
+        let mut pgs = Vec::new();
+        let mut clusters = String::new();
+        for name in names {
+            let pg = PgCluster::init(
+                &dir,
+                &format!("pg-{name}"),
+                PgOptions {
+                    archive_command: Some(archive_command(&cfg, name)),
+                    ..Default::default()
+                },
+            );
+            let key = dir.join(&format!("{name}.key"));
+            tidemark(&dir.path, &["key", "generate", s(&key)]).ok();
+            clusters.push_str(&format!(
+                "\n[clusters.{name}]\npgdata = \"{}\"\nconnection = \"{}\"\nkey_file = \"{}\"\n{}",
+                pg.data.display(),
+                pg.conninfo(),
+                key.display(),
+                per_cluster.replace("NAME", name)
+            ));
+            pgs.push((name.to_string(), pg));
+        }
+        let text = format!(
+            "state_dir = \"{}\"\n[repository]\n{repo}\n{extra}\n{clusters}",
+            dir.join("state").display()
+        );
+        write_owned(&cfg, &text);
+        for (name, pg) in &pgs {
+            pg.pg_ctl_start();
+            tidemark(&dir.path, &["--config", s(&cfg), "--cluster", name, "init"]).ok();
+        }
+        Fleet { dir, cfg, pgs }
+    }
+
+    fn run(&self, args: &[&str]) -> Run {
+        let mut all = vec!["--config", s(&self.cfg)];
+        all.extend_from_slice(args);
+        tidemark(&self.dir.path, &all)
+    }
+
+    fn backups(&self, cluster: &str) -> Vec<serde_json::Value> {
+        let r = self.run(&["--cluster", cluster, "list", "--json"]);
+        if r.code != 0 {
+            return Vec::new();
+        }
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        v["backups"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+fn local_repo(dir_hint: &str) -> String {
+    format!("url = \"file://{dir_hint}\"")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn daemon_backs_up_two_clusters_on_schedule() {
+    let hook = Webhook::start();
+    let port = free_port();
+    let repo_dir = format!("/tmp/tdm-{}-daemon-repo", std::process::id());
+    let _ = std::fs::remove_dir_all(&repo_dir);
+    let fleet = Fleet::start(
+        "dmn",
+        &["acme", "beta"],
+        &local_repo(&repo_dir),
+        &format!(
+            "[schedule]\nbackup = \"* * * * *\"\ntimezone = \"Europe/Berlin\"\n\
+             [daemon]\ncheck_interval = \"2s\"\ncatalog_interval = \"3s\"\n\
+             [metrics]\nlisten = \"127.0.0.1:{port}\"\n[alerts]\nwebhook_url = \"{}\"\n",
+            hook.url
+        ),
+        "",
+    );
+    // A drill for acme every minute too.
+    let text = std::fs::read_to_string(&fleet.cfg).unwrap().replace(
+        "[clusters.beta]",
+        "[clusters.acme.drill]\nschedule = \"* * * * *\"\ntarget = \"latest\"\n\n[clusters.beta]",
+    );
+    write_owned(&fleet.cfg, &text);
+    chown_to_user(Path::new(&repo_dir).parent().unwrap());
+    for (_, pg) in &fleet.pgs {
+        let c = pg.client().await;
+        c.batch_execute("create table t(x int); insert into t values (1)")
+            .await
+            .unwrap();
+        pg.switch_wal().await;
+    }
+
+    let mut daemon = DaemonProc::start(&fleet.dir, &fleet.cfg, "a");
+    let addr = format!("127.0.0.1:{port}");
+    // No backup yet: the missed run starts at once, for both.
+    wait_for(
+        Duration::from_secs(90),
+        "a first backup of both clusters",
+        || (!fleet.backups("acme").is_empty() && !fleet.backups("beta").is_empty()).then_some(()),
+    )
+    .await;
+    // Then the every-minute schedule.
+    wait_for(
+        Duration::from_secs(150),
+        "a scheduled backup of both clusters",
+        || (fleet.backups("acme").len() >= 2 && fleet.backups("beta").len() >= 2).then_some(()),
+    )
+    .await;
+    let body = wait_for(Duration::from_secs(150), "drill metrics", || {
+        let (code, body) = http_get(&addr, "/metrics")?;
+        assert_eq!(code, 200);
+        metric(&body, "tidemark_drill_last_result{cluster=\"acme\"}").map(|_| body)
+    })
+    .await;
+    assert_eq!(
+        metric(&body, "tidemark_drill_last_result{cluster=\"acme\"}"),
+        Some(1.0),
+        "drill failed: {}",
+        daemon.log()
+    );
+    assert!(metric(&body, "tidemark_drill_last_rto_seconds{cluster=\"acme\"}").unwrap() > 0.0);
+    let body = wait_for(Duration::from_secs(30), "backup metrics of both", || {
+        let (_, body) = http_get(&addr, "/metrics")?;
+        (metric(&body, "tidemark_backups{cluster=\"beta\"}")? >= 2.0
+            && metric(&body, "tidemark_backups{cluster=\"acme\"}")? >= 2.0)
+            .then_some(body)
+    })
+    .await;
+    for c in ["acme", "beta"] {
+        let last = metric(
+            &body,
+            &format!("tidemark_backup_last_success_timestamp_seconds{{cluster=\"{c}\"}}"),
+        )
+        .unwrap();
+        assert!(
+            (chrono::Utc::now().timestamp() as f64 - last).abs() < 300.0,
+            "{body}"
+        );
+        assert!(
+            metric(
+                &body,
+                &format!("tidemark_backup_last_stored_bytes{{cluster=\"{c}\"}}")
+            )
+            .unwrap()
+                > 0.0
+        );
+        assert!(
+            metric(
+                &body,
+                &format!("tidemark_wal_pushed_segments_total{{cluster=\"{c}\"}}")
+            )
+            .unwrap()
+                >= 2.0,
+            "{body}"
+        );
+        assert_eq!(
+            metric(&body, &format!("tidemark_wal_gaps{{cluster=\"{c}\"}}")),
+            Some(0.0)
+        );
+        let from = metric(
+            &body,
+            &format!("tidemark_restorable_window_start_timestamp_seconds{{cluster=\"{c}\"}}"),
+        )
+        .unwrap();
+        let to = metric(
+            &body,
+            &format!("tidemark_restorable_window_end_timestamp_seconds{{cluster=\"{c}\"}}"),
+        )
+        .unwrap();
+        assert!(from <= to, "{body}");
+        assert!(
+            metric(
+                &body,
+                &format!("tidemark_wal_push_duration_seconds_count{{cluster=\"{c}\"}}")
+            )
+            .unwrap()
+                >= 2.0
+        );
+        assert_eq!(
+            metric(&body, &format!("tidemark_check_status{{cluster=\"{c}\"}}")),
+            Some(0.0),
+            "{body}"
+        );
+    }
+    assert_eq!(metric(&body, "tidemark_repository_up"), Some(1.0));
+    assert_eq!(http_get(&addr, "/healthz").map(|x| x.0), Some(200));
+    // A healthy fleet raises no alert.
+    assert!(hook.all().is_empty(), "unexpected alerts: {:?}", hook.all());
+
+    // The audit trail holds the daemon's backups, the drill's restore, and verifies.
+    let a = fleet.run(&["--cluster", "acme", "audit", "--json"]).ok();
+    let records: Vec<serde_json::Value> = serde_json::from_str(&a.stdout).unwrap();
+    let ops: Vec<&str> = records
+        .iter()
+        .map(|r| r["operation"].as_str().unwrap())
+        .collect();
+    for op in [
+        "key_init",
+        "config_change",
+        "backup",
+        "restore",
+        "wal_fetch",
+        "drill",
+    ] {
+        assert!(ops.contains(&op), "no {op} record: {ops:?}");
+    }
+    assert!(
+        records
+            .iter()
+            .all(|r| r["cluster"] == "acme" && !r["user"].as_str().unwrap().is_empty())
+    );
+    fleet.run(&["audit", "verify"]).ok();
+
+    // SIGTERM: exits 0; whatever was running leaves nothing partial listed.
+    assert_eq!(daemon.stop(Duration::from_secs(120)), 0, "{}", daemon.log());
+    for c in ["acme", "beta"] {
+        let dirs: Vec<String> = std::fs::read_dir(Path::new(&repo_dir).join(c).join("backups"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let listed: Vec<String> = fleet
+            .backups(c)
+            .iter()
+            .map(|b| b["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(
+            dirs.len(),
+            listed.len(),
+            "leftover of an aborted backup: {dirs:?} vs {listed:?}"
+        );
+    }
+
+    // Restarted with fresh backups: no missed run (the newest is younger than a minute's
+    // period only just after a backup, so use a daily schedule).
+    let text = std::fs::read_to_string(&fleet.cfg)
+        .unwrap()
+        .replace("backup = \"* * * * *\"", "backup = \"0 3 * * *\"")
+        .replace("schedule = \"* * * * *\"", "schedule = \"0 4 * * 0\"");
+    write_owned(&fleet.cfg, &text);
+    let before = fleet.backups("acme").len();
+    let mut daemon = DaemonProc::start(&fleet.dir, &fleet.cfg, "b");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(fleet.backups("acme").len(), before, "{}", daemon.log());
+    assert!(
+        daemon.log().contains("backups scheduled"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.stop(Duration::from_secs(60)), 0);
+    let _ = std::fs::remove_dir_all(&repo_dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_backup_leaves_nothing_listed() {
+    let st = Archiving::start("dmn-term", &StoreKind::Local, ArchivingOptions::default());
+    st.pg.pgbench(&["-i", "-s", "10", "-q"]);
+    // A schedule far away: the backup that runs is the missed run at start.
+    let text = std::fs::read_to_string(&st.cfg).unwrap().replace(
+        "[clusters.acme]",
+        "[schedule]\nbackup = \"0 3 1 1 *\"\n[daemon]\ncheck_interval = \"2s\"\n\n[clusters.acme]",
+    );
+    write_owned(&st.cfg, &text);
+    let mut daemon = DaemonProc::start(&st.dir, &st.cfg, "t");
+    let backups = st.dir.join("repo/acme/backups");
+    wait_for(
+        Duration::from_secs(60),
+        "the backup to start copying",
+        || {
+            std::fs::read_dir(&backups)
+                .ok()?
+                .filter_map(|e| e.ok())
+                .any(|e| e.path().join("packs").exists())
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(daemon.stop(Duration::from_secs(90)), 0, "{}", daemon.log());
+    let log = daemon.log();
+    assert!(log.contains("interrupted"), "{log}");
+    let listing: serde_json::Value =
+        serde_json::from_str(&st.run(&["list", "--json"]).ok().stdout).unwrap();
+    assert_eq!(listing["backups"].as_array().unwrap().len(), 0, "{listing}");
+    let left: Vec<_> = std::fs::read_dir(&backups).unwrap().collect();
+    assert!(left.is_empty(), "the aborted backup left {left:?}");
+    assert!(
+        !st.dir.join("repo/acme/locks/backup.json").exists(),
+        "lease left behind"
+    );
+    // Its session ended with it: the next backup runs at once.
+    st.run(&["backup"]).ok();
+    // The audit log tells what happened.
+    let a = st.run(&["audit"]).ok();
+    assert!(
+        a.stdout.contains("backup") && a.stdout.contains("failed"),
+        "{}",
+        a.stdout
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_rejects_a_bad_config_and_applies_a_good_one() {
+    let st = Archiving::start("dmn-hup", &StoreKind::Local, ArchivingOptions::default());
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let base = std::fs::read_to_string(&st.cfg).unwrap();
+    let good = base.replace(
+        "[clusters.acme]",
+        &format!(
+            "[metrics]\nlisten = \"{addr}\"\n[daemon]\ncheck_interval = \"2s\"\n\n[clusters.acme]"
+        ),
+    );
+    write_owned(&st.cfg, &good);
+    let mut daemon = DaemonProc::start(&st.dir, &st.cfg, "h");
+    wait_for(Duration::from_secs(30), "metrics", || {
+        http_get(&addr, "/metrics")
+    })
+    .await;
+
+    write_owned(
+        &st.cfg,
+        &good.replace("[daemon]", "[daemon]\nchek_interval = \"1s\""),
+    );
+    daemon.signal("HUP");
+    let body = wait_for(Duration::from_secs(20), "the reload failure", || {
+        let (_, b) = http_get(&addr, "/metrics")?;
+        (metric(&b, "tidemark_config_reload_failures_total")? == 1.0).then_some(b)
+    })
+    .await;
+    assert_eq!(metric(&body, "tidemark_config_reloads_total"), Some(0.0));
+    assert!(daemon.log().contains("chek_interval"), "{}", daemon.log());
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "daemon died on a bad config"
+    );
+
+    write_owned(
+        &st.cfg,
+        &good.replace(
+            "[daemon]",
+            "[alerts]\narchive_lag_warning = \"2m\"\n[daemon]",
+        ),
+    );
+    daemon.signal("HUP");
+    wait_for(Duration::from_secs(20), "the reload", || {
+        let (_, b) = http_get(&addr, "/metrics")?;
+        (metric(&b, "tidemark_config_reloads_total")? == 1.0).then_some(())
+    })
+    .await;
+    let a = st.run(&["audit", "--json"]).ok();
+    let records: Vec<serde_json::Value> = serde_json::from_str(&a.stdout).unwrap();
+    assert!(
+        records.iter().any(|r| r["operation"] == "config_change"
+            && r["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("alerts.archive_lag_warning")),
+        "{records:?}"
+    );
+    assert_eq!(daemon.stop(Duration::from_secs(30)), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn s3_outage_is_one_alert_then_resolved_and_no_wal_is_lost() {
+    // Always a Garage of its own: it is stopped.
+    let garage = Garage::start("dmn-s3");
+    let store = StoreKind::S3(garage.target.clone());
+    let hook = Webhook::start();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let st = Archiving::start(
+        "dmn-s3c",
+        &store,
+        ArchivingOptions {
+            extra_repo: "retry_timeout = \"2s\"\nconnect_timeout = \"1s\"\n",
+            ..Default::default()
+        },
+    );
+    let text = std::fs::read_to_string(&st.cfg).unwrap().replace(
+        "[clusters.acme]",
+        &format!(
+            "[daemon]\ncheck_interval = \"2s\"\n[metrics]\nlisten = \"{addr}\"\n\
+             [alerts]\nwebhook_url = \"{}\"\n\n[clusters.acme]",
+            hook.url
+        ),
+    );
+    write_owned(&st.cfg, &text);
+    let c = st.pg.client().await;
+    c.batch_execute("create table t(x int)").await.unwrap();
+    let first = st.pg.switch_wal().await;
+    st.pg.wait_archived(&first, Duration::from_secs(60)).await;
+    let mut daemon = DaemonProc::start(&st.dir, &st.cfg, "s3");
+    wait_for(Duration::from_secs(30), "a healthy check", || {
+        let (_, b) = http_get(&addr, "/metrics")?;
+        (metric(&b, "tidemark_check_status{cluster=\"acme\"}")? == 0.0
+            && metric(&b, "tidemark_repository_up")? == 1.0)
+            .then_some(())
+    })
+    .await;
+
+    // WAL keeps coming while the store is down for 30 s.
+    let writer = {
+        let conninfo = st.pg.conninfo();
+        tokio::spawn(async move {
+            let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut last = String::new();
+            for i in 0..90 {
+                c.batch_execute(&format!("insert into t values ({i})"))
+                    .await
+                    .unwrap();
+                last = c
+                    .query_one("select pg_walfile_name(pg_switch_wal())", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            last
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    garage.stop();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    garage.restart();
+    let last = writer.await.unwrap();
+    st.pg.wait_archived(&last, Duration::from_secs(180)).await;
+    wait_for(Duration::from_secs(120), "a resolved notification", || {
+        hook.all()
+            .iter()
+            .any(|n| n["status"] == "resolved")
+            .then_some(())
+    })
+    .await;
+    // Time for anything else the daemon would send.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let all = hook.all();
+    let firing: Vec<_> = all.iter().filter(|n| n["status"] == "firing").collect();
+    let resolved: Vec<_> = all.iter().filter(|n| n["status"] == "resolved").collect();
+    assert_eq!(firing.len(), 1, "{all:#?}\n{}", daemon.log());
+    assert_eq!(resolved.len(), 1, "{all:#?}");
+    let n = firing[0];
+    assert_eq!(n["event"], "repository_unreachable");
+    assert_eq!(n["cluster"], "acme");
+    assert_eq!(n["severity"], "critical");
+    assert!(
+        n["text"]
+            .as_str()
+            .unwrap()
+            .contains("repository_unreachable")
+    );
+    assert!(n["message"].as_str().unwrap().contains("unreachable"));
+    assert!(chrono::DateTime::parse_from_rfc3339(n["time"].as_str().unwrap()).is_ok());
+    assert_eq!(resolved[0]["event"], "repository_unreachable");
+    assert_eq!(resolved[0]["severity"], "resolved");
+    // PostgreSQL retried: it saw failures, and every segment is in the repository.
+    assert!(st.pg.archiver_failures().await > 0);
+    let wl: serde_json::Value =
+        serde_json::from_str(&st.run(&["wal-list", "--json"]).ok().stdout).unwrap();
+    let tl = &wl["timelines"][0];
+    assert_eq!(tl["gaps"].as_array().unwrap().len(), 0, "{wl}");
+    assert!(tl["last"].as_str().unwrap() >= last.as_str(), "{wl}");
+    let body = http_get(&addr, "/metrics").unwrap().1;
+    assert!(metric(&body, "tidemark_wal_push_failures_total{cluster=\"acme\"}").unwrap() > 0.0);
+    assert_eq!(
+        metric(&body, "tidemark_alerts_sent_total"),
+        Some(2.0),
+        "{body}"
+    );
+    assert_eq!(daemon.stop(Duration::from_secs(30)), 0);
+}
