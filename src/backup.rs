@@ -32,7 +32,8 @@ use crate::pipeline::Keyring;
 use crate::progress::Progress;
 use crate::repo::lease::{self, LeaseError};
 use crate::repo::manifest::{
-    BackupManifest, DirEntry, Extent, FileEntry, MANIFEST_FORMAT, PackEntry, TablespaceEntry,
+    BackupManifest, DirEntry, Extent, FileEntry, MANIFEST_FORMAT, PackEntry, RowCounts, TableCount,
+    TablespaceEntry,
 };
 use crate::repo::{ClusterInfo, Repository};
 use crate::transfer;
@@ -544,15 +545,37 @@ async fn copy_and_finish(
     let seg_size = info.wal_segment_size;
     let first_seg = segment_of(start_lsn, seg_size);
     let last_seg = segment_of(Lsn(stop_lsn.0.saturating_sub(1).max(start_lsn.0)), seg_size);
+    // Row counts at a restore point after the backup's end; its WAL must be archived too.
+    let counts = if cluster.config.drill.count_tables.is_empty() {
+        None
+    } else {
+        count_rows(cluster, client, backup_id).await
+    };
+    let wait_to = match &counts {
+        Some((_, lsn)) => last_seg.max(segment_of(*lsn, seg_size)),
+        None => last_seg,
+    };
     wait_for_wal(
         &cluster.repo,
         timeline,
         first_seg,
-        last_seg,
+        wait_to,
         seg_size,
         opts.wal_timeout,
     )
     .await?;
+    if let Some((c, _)) = &counts {
+        let json = serde_json::to_vec(c).map_err(|e| Error::Internal(e.to_string()))?;
+        let obj = cluster.repo.object(info, RowCounts::object_name(backup_id));
+        transfer::put(
+            cluster.repo.store(),
+            &obj,
+            keyring,
+            cluster.encode,
+            io::Cursor::new(json),
+        )
+        .await?;
+    }
 
     // Assemble the manifest from what was actually read.
     let mut extents: Vec<Vec<Extent>> = vec![Vec::new(); file_list.len()];
@@ -700,6 +723,111 @@ fn parse_start_timeline(label: &str) -> Result<u32, Error> {
         .find_map(|l| l.strip_prefix("START TIMELINE:"))
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| Error::Postgres("backup_label has no START TIMELINE line".into()))
+}
+
+/// Counts the rows of `[clusters.NAME.drill] count_tables` as of a restore point of their own
+/// (see `RowCounts` for why the counts are exact), then switches WAL so the point gets archived.
+/// Returns None (with a warning) when the tables cannot be locked in time or do not exist:
+/// counts are evidence for drills, never a reason to lose a backup.
+async fn count_rows(
+    cluster: &ClusterHandle,
+    client: &tokio_postgres::Client,
+    backup_id: &str,
+) -> Option<(RowCounts, Lsn)> {
+    let cfg = &cluster.config.drill;
+    let point = RowCounts::restore_point_name(backup_id);
+    let result: Result<(RowCounts, Lsn), String> = async {
+        let q = |e: tokio_postgres::Error| e.to_string();
+        client.batch_execute("begin").await.map_err(q)?;
+        client
+            .batch_execute(&format!(
+                "set local lock_timeout = {}",
+                cfg.count_lock_timeout.as_millis().max(1)
+            ))
+            .await
+            .map_err(q)?;
+        let mut tables = Vec::new();
+        for t in &cfg.count_tables {
+            if t == "*" {
+                let rows = client
+                    .query(
+                        "select format('%I.%I', n.nspname, c.relname) from pg_class c \
+                         join pg_namespace n on n.oid = c.relnamespace \
+                         where c.relkind = 'r' and c.relpersistence = 'p' \
+                         and n.nspname not in ('pg_catalog', 'information_schema') \
+                         and n.nspname !~ '^pg_toast' order by 1",
+                        &[],
+                    )
+                    .await
+                    .map_err(q)?;
+                tables.extend(rows.iter().map(|r| r.get::<_, String>(0)));
+            } else {
+                let row = client
+                    .query_one("select $1::text::regclass::text", &[t])
+                    .await
+                    .map_err(|e| format!("table {t:?}: {e}"))?;
+                tables.push(row.get(0));
+            }
+        }
+        tables.sort();
+        tables.dedup();
+        if !tables.is_empty() {
+            client
+                .batch_execute(&format!("lock table {} in share mode", tables.join(", ")))
+                .await
+                .map_err(|e| format!("locking the tables to count: {e}"))?;
+        }
+        let row = client
+            .query_one(
+                "select pg_create_restore_point($1)::text, clock_timestamp(), current_database()",
+                &[&point],
+            )
+            .await
+            .map_err(q)?;
+        let lsn: Lsn = row.get::<_, String>(0).parse()?;
+        let (time, database) = (row.get(1), row.get(2));
+        let mut counts = Vec::with_capacity(tables.len());
+        for t in tables {
+            let n: i64 = client
+                .query_one(&format!("select count(*) from {t}"), &[])
+                .await
+                .map_err(|e| format!("counting {t}: {e}"))?
+                .get(0);
+            counts.push(TableCount { table: t, rows: n });
+        }
+        client.batch_execute("commit").await.map_err(q)?;
+        // Completes the segment holding the point, so it is archived with the backup.
+        client
+            .batch_execute("select pg_switch_wal()")
+            .await
+            .map_err(q)?;
+        Ok((
+            RowCounts {
+                format: 1,
+                backup: backup_id.to_string(),
+                restore_point: point.clone(),
+                lsn: lsn.to_string(),
+                time,
+                database,
+                tables: counts,
+            },
+            lsn,
+        ))
+    }
+    .await;
+    match result {
+        Ok((c, lsn)) => {
+            tracing::info!(tables = c.tables.len(), restore_point = %point, lsn = %lsn, "row counts recorded");
+            Some((c, lsn))
+        }
+        Err(e) => {
+            let _ = client.batch_execute("rollback").await;
+            tracing::warn!(
+                "row counts skipped for this backup ({e}); drills of it cannot compare them"
+            );
+            None
+        }
+    }
 }
 
 /// Waits until segments first..=last of `timeline` are archived.

@@ -148,10 +148,12 @@ queries, records the result in the repository (drills/), then stops the server a
 everything — also on failure or interruption. Measures RTO (drill start to first accepted \
 query) and its parts. Exit 0 when every check passed, 14 otherwise.\n\n\
 --target latest (default) replays all archived WAL; random picks a uniformly random moment \
-inside the restorable window; a time ('2026-11-27 09:41:07+00') restores to it."
+inside the restorable window; a time ('2026-11-27 09:41:07+00') restores to it; backup \
+recovers the newest backup (or --backup) to the restore point where it counted the rows of \
+[clusters.NAME.drill] count_tables, and compares every table's row count with that record."
     )]
     Drill {
-        /// latest, random, or a time with a zone
+        /// latest, random, backup (its row-count point: compares row counts), or a time with a zone
         #[arg(long, default_value = "latest")]
         target: String,
         /// Drill this backup instead of the one the target chooses
@@ -658,6 +660,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let target = match target.as_str() {
                 "latest" => tidemark::drill::DrillTarget::Latest,
                 "random" => tidemark::drill::DrillTarget::Random,
+                "backup" => tidemark::drill::DrillTarget::Backup,
                 t => tidemark::drill::DrillTarget::Time(
                     tidemark::restore::parse_target_time(t).map_err(Error::Usage)?,
                 ),

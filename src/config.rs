@@ -289,7 +289,7 @@ pub struct ClusterConfig {
 }
 
 /// `[clusters.NAME.drill]`: what a restore drill checks besides pg_amcheck and the target.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DrillConfig {
     /// `[[clusters.NAME.drill.assert]] sql = "select count(*) > 0 from orders"`: each query's
@@ -298,8 +298,34 @@ pub struct DrillConfig {
     pub assert: Vec<DrillAssert>,
     /// Cron expression of scheduled drills (in the cluster's schedule time zone).
     pub schedule: Option<String>,
-    /// Target of scheduled drills: "random" (default) or "latest".
+    /// Target of scheduled drills: "random" (default), "latest" or "backup" (the newest
+    /// backup's row-count point, where row counts are compared).
     pub target: Option<String>,
+    /// Tables whose rows every backup counts at a restore point of its own
+    /// (`["public.orders"]`, or `["*"]` for every table of the connection's database); a
+    /// drill with target "backup" compares them. Writes to these tables wait while they are
+    /// counted.
+    #[serde(default)]
+    pub count_tables: Vec<String>,
+    /// How long a backup waits to lock the tables it counts before it skips the counts.
+    #[serde(default = "default_count_lock_timeout", deserialize_with = "duration")]
+    pub count_lock_timeout: Duration,
+}
+
+fn default_count_lock_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for DrillConfig {
+    fn default() -> Self {
+        DrillConfig {
+            assert: Vec::new(),
+            schedule: None,
+            target: None,
+            count_tables: Vec::new(),
+            count_lock_timeout: default_count_lock_timeout(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -479,12 +505,17 @@ impl Config {
             None => None,
         };
         match c.drill.target.as_deref() {
-            None | Some("random") | Some("latest") => {}
+            None | Some("random") | Some("latest") | Some("backup") => {}
             Some(t) => {
                 return Err(format!(
-                    "clusters.{name}.drill.target = {t:?}: expected \"random\" or \"latest\""
+                    "clusters.{name}.drill.target = {t:?}: expected \"random\", \"latest\" or \"backup\""
                 ));
             }
+        }
+        if c.drill.count_tables.iter().any(|t| t.trim().is_empty()) {
+            return Err(format!(
+                "clusters.{name}.drill.count_tables: empty table name"
+            ));
         }
         Ok(ResolvedSchedule {
             backup,

@@ -14,6 +14,7 @@ use crate::audit::{Event, Outcome};
 use crate::cluster::ClusterHandle;
 use crate::error::Error;
 use crate::pg::wal::Lsn;
+use crate::repo::manifest::RowCounts;
 use crate::restore::{self, ArchiveMode, RecoveryTarget, RestoreOptions, StartOptions};
 
 #[derive(Debug, Clone)]
@@ -22,6 +23,9 @@ pub enum DrillTarget {
     /// A uniformly random moment inside the restorable window.
     Random,
     Time(DateTime<chrono::FixedOffset>),
+    /// The row-count point of a backup (the newest one that has one, or `--backup`): row
+    /// counts are compared with those recorded then.
+    Backup,
 }
 
 #[derive(Debug, Clone)]
@@ -182,7 +186,17 @@ async fn run_drill(
     clock: Instant,
 ) -> Result<(), Error> {
     let catalog = cluster.catalog().await?;
+    let mut backup_choice = opts.backup.clone();
+    let mut expected_counts: Option<RowCounts> = None;
     let target = match &opts.target {
+        DrillTarget::Backup => {
+            let (id, counts) =
+                backup_with_counts(cluster, &catalog, opts.backup.as_deref()).await?;
+            backup_choice = Some(id);
+            let t = RecoveryTarget::Name(counts.restore_point.clone());
+            expected_counts = Some(counts);
+            t
+        }
         DrillTarget::Latest => RecoveryTarget::Latest,
         DrillTarget::Time(t) => RecoveryTarget::Time(*t),
         DrillTarget::Random => {
@@ -221,7 +235,7 @@ async fn run_drill(
         target: target.clone(),
         target_timeline: None,
         exclusive: false,
-        backup: opts.backup.clone(),
+        backup: backup_choice,
         tablespace_map: Vec::new(),
         force: false,
         parallelism: opts.parallelism,
@@ -330,6 +344,21 @@ async fn run_drill(
                 },
             }
         }
+        (RecoveryTarget::Name(n), Some(r)) => {
+            let want: Option<Lsn> = expected_counts.as_ref().and_then(|c| c.lsn.parse().ok());
+            match want {
+                Some(w) if r < w => DrillCheck {
+                    name: "target".into(),
+                    ok: false,
+                    detail: format!("recovery stopped at {r}, before restore point {n:?} at {w}"),
+                },
+                _ => DrillCheck {
+                    name: "target".into(),
+                    ok: true,
+                    detail: format!("reached restore point {n:?} (replayed to {r})"),
+                },
+            }
+        }
         (_, None) => DrillCheck {
             name: "target".into(),
             ok: false,
@@ -378,7 +407,35 @@ async fn run_drill(
         });
     }
 
-    // 3. User-defined assertions.
+    // 3. Row counts, against those recorded at the backup's count point.
+    match &expected_counts {
+        Some(expected) => {
+            record.checks.push(
+                compare_counts(
+                    expected,
+                    &socket_dir_conninfo(socket_dir, started.port, &user),
+                    &expected.database,
+                )
+                .await,
+            );
+        }
+        None => {
+            if let Ok(Some(_)) = cluster
+                .repo
+                .store()
+                .head(&cluster.repo.key(&RowCounts::object_name(&out.backup)))
+                .await
+            {
+                record.checks.push(DrillCheck {
+                    name: "row_counts".into(),
+                    ok: true,
+                    detail: "skipped: recorded at the backup's count point; compared by drills with --target backup".into(),
+                });
+            }
+        }
+    }
+
+    // 4. User-defined assertions.
     for a in &cluster.config.drill.assert {
         let dbname = a.database.clone().unwrap_or_else(|| db.clone());
         let conninfo = format!(
@@ -424,6 +481,113 @@ async fn run_drill(
         record.checks.push(check);
     }
     Ok(())
+}
+
+fn socket_dir_conninfo(socket_dir: &Path, port: u16, user: &str) -> String {
+    format!("host={} port={port} user={user}", socket_dir.display())
+}
+
+/// The backup to drill at its row-count point: `wanted`, or the newest one that has counts.
+async fn backup_with_counts(
+    cluster: &ClusterHandle,
+    catalog: &crate::cluster::Catalog,
+    wanted: Option<&str>,
+) -> Result<(String, RowCounts), Error> {
+    let candidates: Vec<&str> = match wanted {
+        Some(id) => vec![id],
+        None => catalog
+            .backups
+            .iter()
+            .rev()
+            .map(|b| b.id.as_str())
+            .collect(),
+    };
+    for id in candidates {
+        let obj = cluster
+            .repo
+            .object(&catalog.info, RowCounts::object_name(id));
+        if cluster.repo.store().head(&obj.key).await?.is_none() {
+            continue;
+        }
+        let (_, bytes) = crate::transfer::get(
+            cluster.repo.store(),
+            &obj,
+            &catalog.keyring,
+            false,
+            Vec::new(),
+        )
+        .await?;
+        let counts: RowCounts = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Integrity(format!("{}: {e}", obj.key)))?;
+        return Ok((id.to_string(), counts));
+    }
+    Err(Error::Recovery(match wanted {
+        Some(id) => format!("backup {id} has no recorded row counts"),
+        None => format!(
+            "no backup has recorded row counts: set [clusters.{}.drill] count_tables (then take a backup)",
+            cluster.name
+        ),
+    }))
+}
+
+/// Counts the rows of every recorded table on the restored server and compares.
+async fn compare_counts(expected: &RowCounts, conninfo: &str, database: &str) -> DrillCheck {
+    let fail = |detail: String| DrillCheck {
+        name: "row_counts".into(),
+        ok: false,
+        detail,
+    };
+    let c = match crate::pg::conn::connect(&format!("{conninfo} dbname={database}")).await {
+        Ok(c) => c,
+        Err(e) => return fail(format!("connecting to database {database}: {e}")),
+    };
+    let mut actual = Vec::with_capacity(expected.tables.len());
+    for t in &expected.tables {
+        let n = c
+            .query_one(&format!("select count(*) from {}", t.table), &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .map_err(|e| e.to_string());
+        actual.push((t.table.clone(), n));
+    }
+    c.close().await;
+    count_check(expected, &actual)
+}
+
+fn count_check(expected: &RowCounts, actual: &[(String, Result<i64, String>)]) -> DrillCheck {
+    let mut wrong = Vec::new();
+    for (t, (name, got)) in expected.tables.iter().zip(actual) {
+        match got {
+            Ok(n) if *n == t.rows => {}
+            Ok(n) => wrong.push(format!("{name}: {n} rows, {} at the backup", t.rows)),
+            Err(e) => wrong.push(format!("{name}: {e}")),
+        }
+    }
+    let total: i64 = expected.tables.iter().map(|t| t.rows).sum();
+    if wrong.is_empty() {
+        DrillCheck {
+            name: "row_counts".into(),
+            ok: true,
+            detail: format!(
+                "{} table(s), {total} rows, as counted at {} ({})",
+                expected.tables.len(),
+                expected.restore_point,
+                expected.lsn
+            ),
+        }
+    } else {
+        DrillCheck {
+            name: "row_counts".into(),
+            ok: false,
+            detail: format!(
+                "{} of {} table(s) differ from the counts at {}: {}",
+                wrong.len(),
+                expected.tables.len(),
+                expected.restore_point,
+                wrong.join("; ")
+            ),
+        }
+    }
 }
 
 fn as_owner(opts: &RestoreOptions, program: &Path) -> std::process::Command {
@@ -475,4 +639,57 @@ pub async fn history(cluster: &ClusterHandle) -> Result<Vec<DrillRecord>, Error>
     }
     out.sort_by_key(|a| a.started);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::manifest::TableCount;
+
+    #[test]
+    fn counts_must_match_exactly() {
+        let expected = RowCounts {
+            format: 1,
+            backup: "b".into(),
+            restore_point: "tidemark-counts-b".into(),
+            lsn: "0/3000000".into(),
+            time: Utc::now(),
+            database: "postgres".into(),
+            tables: vec![
+                TableCount {
+                    table: "public.a".into(),
+                    rows: 10,
+                },
+                TableCount {
+                    table: "public.b".into(),
+                    rows: 0,
+                },
+            ],
+        };
+        let ok = count_check(
+            &expected,
+            &[("public.a".into(), Ok(10)), ("public.b".into(), Ok(0))],
+        );
+        assert!(ok.ok, "{}", ok.detail);
+        let off_by_one = count_check(
+            &expected,
+            &[("public.a".into(), Ok(11)), ("public.b".into(), Ok(0))],
+        );
+        assert!(!off_by_one.ok);
+        assert!(
+            off_by_one
+                .detail
+                .contains("public.a: 11 rows, 10 at the backup"),
+            "{}",
+            off_by_one.detail
+        );
+        let missing = count_check(
+            &expected,
+            &[
+                ("public.a".into(), Ok(10)),
+                ("public.b".into(), Err("relation does not exist".into())),
+            ],
+        );
+        assert!(!missing.ok && missing.detail.contains("does not exist"));
+    }
 }

@@ -160,3 +160,88 @@ async fn drills() {
     );
     assert_no_leftovers(&scratch);
 }
+
+/// Row counts recorded by a backup taken under write load are met exactly by a drill that
+/// recovers to the backup's count point.
+#[tokio::test(flavor = "multi_thread")]
+async fn drill_compares_row_counts_at_the_backup_point() {
+    let st = Archiving::start("drill-rows", &StoreKind::Local, ArchivingOptions::default());
+    st.pg.pgbench(&["-i", "-s", "2", "-q"]);
+    let text = std::fs::read_to_string(&st.cfg).unwrap();
+    std::fs::write(
+        &st.cfg,
+        format!("{text}\n[clusters.acme.drill]\ncount_tables = [\"*\"]\n"),
+    )
+    .unwrap();
+    // Writers on every pgbench table (history grows) while the backup counts.
+    let load = {
+        let bin = st.pg.bin.join("pgbench");
+        let (sock, port) = (st.pg.socket_dir.clone(), st.pg.port);
+        std::thread::spawn(move || {
+            as_user(bin)
+                .arg("-h")
+                .arg(&sock)
+                .args([
+                    "-p",
+                    &port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-c",
+                    "2",
+                    "-T",
+                    "20",
+                    "-n",
+                ])
+                .arg("postgres")
+                .output()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let b = st.run(&["backup", "--json"]).ok();
+    assert!(b.stderr.contains("row counts recorded"), "{b:?}");
+    let id = serde_json::from_str::<serde_json::Value>(&b.stdout).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        st.dir
+            .join(&format!("repo/acme/backups/{id}/counts"))
+            .exists()
+    );
+    assert!(load.join().unwrap().status.success());
+    let scratch = st.dir.join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    chown_to_user(&scratch);
+
+    let (r, v) = drill(&st, &st.cfg, &scratch, &["--target", "backup"]);
+    assert_eq!(r.code, 0, "{r:?} {v}");
+    let rows = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "row_counts")
+        .unwrap_or_else(|| panic!("no row_counts check: {v}"))
+        .clone();
+    assert_eq!(rows["ok"], true, "{v}");
+    assert!(
+        rows["detail"].as_str().unwrap().contains("4 table(s)"),
+        "{rows}"
+    );
+    assert_eq!(v["backup"], serde_json::json!(id));
+    assert_no_leftovers(&scratch);
+
+    // Other targets say the counts were not compared.
+    let (r, v) = drill(&st, &st.cfg, &scratch, &[]);
+    assert_eq!(r.code, 0, "{r:?} {v}");
+    assert!(
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "row_counts"
+                && c["detail"].as_str().unwrap().starts_with("skipped")),
+        "{v}"
+    );
+    assert_no_leftovers(&scratch);
+}

@@ -91,3 +91,40 @@ impl BackupManifest {
         format!("backups/{backup_id}/manifest")
     }
 }
+
+/// `backups/<id>/counts` (encrypted, written before the manifest): row counts of chosen tables
+/// exactly as of the restore point `restore_point`, which a drill can recover to and compare.
+///
+/// Exact because the counting transaction holds SHARE locks on the tables from before the
+/// restore point is written until the counts are read: every transaction that wrote to them
+/// committed (and is visible) before the point, none can write between the point and the
+/// counts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RowCounts {
+    pub format: u32,
+    pub backup: String,
+    pub restore_point: String,
+    pub lsn: String,
+    pub time: DateTime<Utc>,
+    pub database: String,
+    pub tables: Vec<TableCount>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TableCount {
+    /// Schema-qualified, quoted as needed (`public.orders`, `"Odd".t`).
+    pub table: String,
+    pub rows: i64,
+}
+
+impl RowCounts {
+    pub fn object_name(backup_id: &str) -> String {
+        format!("backups/{backup_id}/counts")
+    }
+
+    pub fn restore_point_name(backup_id: &str) -> String {
+        format!("tidemark-counts-{backup_id}")
+    }
+}
