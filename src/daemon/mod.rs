@@ -456,10 +456,17 @@ impl Daemon {
             return;
         }
         let url = self.config.repository.url.clone();
+        let (listen, state_dir) = (
+            self.config.metrics.listen.clone(),
+            self.config.state_dir.clone(),
+        );
         let old_text = std::mem::replace(&mut self.config_text, text);
         let old = std::mem::replace(&mut self.config, config);
-        // Store settings other than the URL (credentials, retries) apply now.
+        // Store settings other than the URL (credentials, retries) apply now; the URL, the
+        // metrics address and the state directory stay as they are until a restart.
         self.config.repository.url = url;
+        self.config.metrics.listen = listen;
+        self.config.state_dir = state_dir;
         match probe_store(&self.config).await {
             Ok(s) => self.store = s,
             Err(e) => tracing::warn!("keeping the old store connection: {e}"),
