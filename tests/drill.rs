@@ -24,8 +24,10 @@ fn assert_no_leftovers(scratch: &Path) {
         "drill left {left:?} in {}",
         scratch.display()
     );
+    // This test's drills only: other tests run drills of their own at the same time.
     let ps = std::process::Command::new("pgrep")
-        .args(["-f", "tidemark-drill-"])
+        .arg("-f")
+        .arg(format!("{}/tidemark-drill-", scratch.display()))
         .output()
         .unwrap();
     assert!(
