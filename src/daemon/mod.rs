@@ -94,7 +94,11 @@ struct ClusterRt {
     /// Whether the start-up decision about a missed run is still to be made (it needs the
     /// catalog).
     missed_run_pending: bool,
+    /// The catalog has been read once (newest_backup is known).
+    catalog_loaded: bool,
     newest_backup: Option<DateTime<Utc>>,
+    /// Retention waits for a running drill (it could delete what the drill restores).
+    expire_pending: bool,
 }
 
 impl ClusterRt {
@@ -404,6 +408,8 @@ impl Daemon {
                         next_check: Instant::now(),
                         next_catalog: Instant::now(),
                         newest_backup: None,
+                        catalog_loaded: false,
+                        expire_pending: false,
                     }
                 }
             };
@@ -656,11 +662,21 @@ impl Daemon {
         let Some(rt) = self.clusters.get_mut(name) else {
             return;
         };
+        // A due drill waits while the cluster's backup or retention runs (the first would
+        // drill what is about to change, the second could delete what the drill restores)
+        // and until the catalog is known; with no complete backup there is nothing to drill
+        // (backup_age and backup_failed report that).
         if let Some(t) = rt.next_drill
             && now >= t
+            && !rt.busy(JobKind::Backup)
+            && !rt.busy(JobKind::Expire)
+            && !rt.busy(JobKind::Drill)
+            && rt.catalog_loaded
         {
             rt.next_drill = rt.schedule.drill.as_ref().and_then(|s| s.next_after(now));
-            if !rt.busy(JobKind::Drill) {
+            if rt.newest_backup.is_none() {
+                tracing::warn!(cluster = %name, "scheduled drill skipped: no complete backup yet");
+            } else {
                 let target = rt
                     .handle
                     .config
@@ -992,6 +1008,7 @@ impl Daemon {
             }
         };
         rt.newest_backup = s.newest_backup.map(|b| b.0);
+        rt.catalog_loaded = true;
         let now = Utc::now();
         let mut run_missed = false;
         if rt.missed_run_pending {
@@ -1104,9 +1121,14 @@ impl Daemon {
                             m.backup_last_stored_bytes = j["stored_bytes"].as_u64();
                         }
                     }
+                    rt.newest_backup = Some(Utc::now());
+                    let drilling = rt.busy(JobKind::Drill);
+                    if expire_after && drilling {
+                        rt.expire_pending = true;
+                    }
                     self.clear_event(&cluster, "backup_failed");
                     self.clear_event(&cluster, "backup_age");
-                    if expire_after && !self.cancel_jobs.is_cancelled() {
+                    if expire_after && !drilling && !self.cancel_jobs.is_cancelled() {
                         self.start_job(&cluster, JobKind::Expire, Vec::new());
                     }
                 } else if r.code == 11 {
@@ -1173,6 +1195,9 @@ impl Daemon {
                 }
             }
             JobKind::Drill => {
+                if std::mem::take(&mut rt.expire_pending) && !self.cancel_jobs.is_cancelled() {
+                    self.start_job(&cluster, JobKind::Expire, Vec::new());
+                }
                 let record: Option<crate::drill::DrillRecord> =
                     r.json.clone().and_then(|j| serde_json::from_value(j).ok());
                 if let (Some(d), Ok(mut reg)) = (&record, self.registry.lock()) {
