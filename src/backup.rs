@@ -321,10 +321,10 @@ async fn backup_locked(
             cluster.name
         )));
     }
-    // The lease tells other hosts (and their schedulers) who runs a backup; the advisory lock
-    // below is what makes two backups at once impossible (see repo::lease).
-    let lease = match lease::acquire_for_backup(&cluster.repo, cluster.lease_ttl).await {
-        Ok(l) => l,
+    // Refused at once, naming the holder, when the lease says a backup runs (on this host or
+    // another); the advisory lock below is what makes two at once impossible.
+    match lease::check(&cluster.repo, lease::BACKUP).await {
+        Ok(()) => {}
         Err(LeaseError::Held(h)) => {
             client.close().await;
             return Err(Error::Busy(format!(
@@ -337,12 +337,11 @@ async fn backup_locked(
             client.close().await;
             return Err(e.into());
         }
-    };
+    }
     let result = backup_leased(
         cluster, opts, info, keyring, started, id_out, &client, &pgdata, &id,
     )
     .await;
-    lease.release().await;
     // Ends the backup session (and its lock) cleanly; a failed backup's session ending also
     // ends PostgreSQL's backup mode.
     client.close().await;
@@ -372,7 +371,34 @@ async fn backup_leased(
             cluster.name
         )));
     }
+    // Holding the lock: the lease is ours to write (released before the session ends, so the
+    // next holder of the lock never finds a live record of this one).
+    let lease = lease::take(&cluster.repo, lease::BACKUP, cluster.lease_ttl)
+        .await
+        .map_err(|e| match e {
+            LeaseError::Store(e) => Error::Store(e),
+            LeaseError::Held(h) => Error::Busy(h.describe()),
+        })?;
+    let result = backup_with_lock(
+        cluster, opts, info, keyring, started, id_out, client, pgdata, id,
+    )
+    .await;
+    lease.release().await;
+    result
+}
 
+#[allow(clippy::too_many_arguments)]
+async fn backup_with_lock(
+    cluster: &ClusterHandle,
+    opts: &BackupOptions,
+    info: &ClusterInfo,
+    keyring: &Arc<Keyring>,
+    started: Instant,
+    id_out: &mut Option<String>,
+    client: &tokio_postgres::Client,
+    pgdata: &std::path::Path,
+    id: &pg::conn::ServerIdentity,
+) -> Result<BackupOutcome, Error> {
     let removed_incomplete = remove_incomplete(&cluster.repo).await?;
     let backup_id = new_backup_id(&cluster.repo, &removed_incomplete).await?;
     *id_out = Some(backup_id.clone());

@@ -2,13 +2,13 @@
 //! when. A holder renews its lease every third of its lifetime, so a live holder is never
 //! overtaken; a crashed holder's lease lapses after at most one lifetime.
 //!
-//! A lease is advisory and not race-free on its own: S3 stores (Garage among them) ignore
-//! conditional writes, so two processes that read "free" at the same moment can both write.
-//! Acquisition therefore writes, waits `SETTLE`, and reads back: a rival that wrote in between
-//! is seen and wins. What remains (a rival stalled for longer than SETTLE between its read and
-//! its write) is excluded by the caller's race-free lock — for backups, the session-level
-//! advisory lock in the cluster itself, which dies with its holder. The lease is what lets a
-//! scheduler on another host see, before connecting, that a backup runs elsewhere and by whom.
+//! A lease alone cannot be race-free: S3 stores (Garage among them) ignore conditional
+//! writes, so two processes that read "free" at the same moment could both write. So a lease
+//! is written only by a process that holds the race-free lock it stands for — for backups, the
+//! session-level advisory lock in the cluster itself, which dies with its holder — and two
+//! live holders cannot exist. What the lease adds: anyone can see, without connecting to the
+//! cluster, that a backup runs, where and since when (`check` refuses at once with that), and
+//! a crashed holder's record lapses by itself.
 //!
 //! Clocks of the hosts sharing a repository must agree to well within a third of the
 //! lifetime.
@@ -23,9 +23,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::Repository;
 use crate::store::StoreError;
-
-/// How long acquisition waits between writing and reading back.
-pub const SETTLE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeaseRecord {
@@ -105,10 +102,8 @@ async fn write(repo: &Repository, key: &str, rec: &LeaseRecord) -> Result<(), St
     repo.store().put_bytes(key, Bytes::from(json)).await
 }
 
-/// The lease of the cluster's backup (`locks/backup.json`).
-pub async fn acquire_for_backup(repo: &Repository, ttl: Duration) -> Result<Lease, LeaseError> {
-    acquire(repo, "backup", ttl).await
-}
+/// Name of the backup lease (`locks/backup.json`).
+pub const BACKUP: &str = "backup";
 
 /// A holder on this host whose process no longer exists need not be waited for. (A host name
 /// shared by containers with separate process namespaces defeats this; the caller's
@@ -125,19 +120,30 @@ fn holder_died_here(rec: &LeaseRecord) -> bool {
     }
 }
 
-/// Takes lease `name` for `ttl`, or fails with the live holder.
-pub async fn acquire(repo: &Repository, name: &str, ttl: Duration) -> Result<Lease, LeaseError> {
+/// Fails with the holder when lease `name` is held by a live holder (one whose lease has not
+/// lapsed and, on this host, whose process still exists).
+pub async fn check(repo: &Repository, name: &str) -> Result<(), LeaseError> {
+    match read(repo, name).await? {
+        Some(cur) if cur.expires > Utc::now() && !holder_died_here(&cur) => {
+            Err(LeaseError::Held(cur))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Takes lease `name` for `ttl` and renews it until released. Call only while holding the
+/// race-free lock the lease stands for: then whoever the current record names is not running
+/// (its lock is gone), and the record is replaced.
+pub async fn take(repo: &Repository, name: &str, ttl: Duration) -> Result<Lease, LeaseError> {
     let k = key(repo, name);
     let now = Utc::now();
-    if let Some(cur) = read(repo, name).await? {
-        if cur.expires > now && !holder_died_here(&cur) {
-            return Err(LeaseError::Held(cur));
-        }
+    if let Some(cur) = read(repo, name).await?
+        && cur.expires > now
+    {
         tracing::warn!(
             lease = %k,
-            "taking over the lease of {}: {}",
-            cur.describe(),
-            if cur.expires > now { "that process is gone" } else { "it lapsed" }
+            "replacing the unexpired lease of {}: it no longer holds the lock",
+            cur.describe()
         );
     }
     let mut id = [0u8; 8];
@@ -153,19 +159,6 @@ pub async fn acquire(repo: &Repository, name: &str, ttl: Duration) -> Result<Lea
         start_ticks: proc_stat(std::process::id()).map(|s| s.1),
     };
     write(repo, &k, &record).await?;
-    tokio::time::sleep(SETTLE).await;
-    match read(repo, name).await? {
-        Some(r) if r.holder == record.holder => {}
-        Some(r) => return Err(LeaseError::Held(r)),
-        None => {
-            // Deleted in between: a rival released it after overwriting ours. Do not fight.
-            return Err(LeaseError::Held(LeaseRecord {
-                holder: String::new(),
-                host: "(another process, which released it at once)".into(),
-                ..record
-            }));
-        }
-    }
     let stop = CancellationToken::new();
     let renewer = tokio::spawn(renew(
         repo.clone(),
@@ -252,6 +245,12 @@ impl Drop for Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `check`, then `take` (the tests hold no lock; they run one holder at a time).
+    async fn acquire(repo: &Repository, name: &str, ttl: Duration) -> Result<Lease, LeaseError> {
+        check(repo, name).await?;
+        take(repo, name, ttl).await
+    }
     use crate::store::local::LocalStore;
     use std::sync::Arc;
 
