@@ -1,11 +1,13 @@
 # tidemark in a container: the image runs the daemon (`tidemark daemon`) by default.
 #   docker build -t tidemark .
-#   docker run -d --name tidemark --user postgres-uid:gid \
+#   docker run -d --name tidemark --user "$(id -u postgres):$(id -g postgres)" \
 #     -v /etc/tidemark:/etc/tidemark:ro -v /var/lib/postgresql:/var/lib/postgresql \
-#     -v /var/run/postgresql:/var/run/postgresql -v tidemark-state:/var/lib/tidemark \
+#     -v /var/run/postgresql:/var/run/postgresql -v /var/lib/tidemark:/var/lib/tidemark \
 #     -p 127.0.0.1:9187:9187 tidemark
-# Any other command works too: `docker run --rm ... tidemark --cluster acme list`.
-# The container must see the data directory (backups read it) and run as its owner.
+# Run it as the user PostgreSQL runs as: backups read the data directory, and the state
+# directory (/var/lib/tidemark, a bind mount of the host's) is shared with the wal-push that
+# PostgreSQL runs on the host as that user (wal-push counters, audit chain). Any other command
+# works too: `docker run --rm ... tidemark --cluster acme list`.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
@@ -18,12 +20,10 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates postgresql-client tzdata \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 999 --home /var/lib/tidemark tidemark \
- && install -d -m 0700 -o tidemark -g tidemark /var/lib/tidemark
+ && install -d -m 0700 /var/lib/tidemark
 COPY --from=build /src/target/release/tidemark /usr/local/bin/tidemark
 ENV TIDEMARK_CONFIG=/etc/tidemark/tidemark.toml
-USER tidemark
-VOLUME /var/lib/tidemark
+# No USER: pass --user with the PostgreSQL owner's uid:gid (see above).
 EXPOSE 9187
 # /healthz answers 200 while the scheduler runs (needs [metrics] listen = "0.0.0.0:9187" or
 # 127.0.0.1:9187 inside the container).

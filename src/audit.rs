@@ -521,7 +521,8 @@ pub struct VerifyReport {
 pub async fn verify(cluster: &ClusterHandle) -> Result<VerifyReport, Error> {
     let info = cluster.repo.read_info().await?;
     let keyring = cluster.keyring(&info).await?;
-    let (chains, strays) = load(cluster, None).await?;
+    // This host's state before the listing: a record appended in between then only makes the
+    // repository longer than the head, never shorter.
     let local = LocalChain::new(cluster, &info.repository_id);
     let local_id = std::fs::read_to_string(local.dir.join("chain"))
         .ok()
@@ -530,6 +531,7 @@ pub async fn verify(cluster: &ClusterHandle) -> Result<VerifyReport, Error> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     let (pending_here, _) = pending(cluster, &info);
+    let (chains, strays) = load(cluster, None).await?;
     let mut reports = Vec::new();
     let mut total = 0;
     let mut problems: Vec<String> = strays

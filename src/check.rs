@@ -207,10 +207,17 @@ pub async fn check(cluster: &ClusterHandle, opts: &CheckOptions) -> CheckReport 
                     && cmd.contains("wal-push")
                     && cmd.contains("%p"))
                 {
+                    // Not the command itself: it may carry credentials (PGPASSWORD=..., another
+                    // tool's keys), and this message goes to logs and alert receivers.
+                    let missing: Vec<&str> = ["tidemark", "wal-push", "%p"]
+                        .into_iter()
+                        .filter(|w| !cmd.contains(w))
+                        .collect();
                     checks.push(crit(
                         "archive_command",
                         format!(
-                            "archive_command does not run tidemark wal-push %p (it is {cmd:?})"
+                            "archive_command does not run tidemark wal-push %p (it lacks {})",
+                            missing.join(", ")
                         ),
                     ));
                 } else {

@@ -482,8 +482,9 @@ fn parse_since(s: &str) -> Result<chrono::DateTime<chrono::Utc>, Error> {
         .map_err(|e| Error::Usage(format!("--since: {e}")))
 }
 
-/// A token cancelled by the first SIGTERM or SIGINT (a second one is not caught: the default
-/// action ends the process).
+/// A token cancelled by the first SIGTERM or SIGINT; a second one ends the process at once
+/// (exit 15): clean-up that waits on a store that is down can then be cut short, and what it
+/// leaves is never listed (the next backup removes it).
 fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
     let token = tokio_util::sync::CancellationToken::new();
     let t = token.clone();
@@ -501,6 +502,14 @@ fn cancel_on_signal() -> tokio_util::sync::CancellationToken {
         }
         tracing::warn!("signal received: stopping the backup and removing what it wrote");
         t.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!(
+            "tidemark: error: second signal: exiting now; the next backup removes what is left"
+        );
+        std::process::exit(15);
     });
     token
 }

@@ -351,6 +351,12 @@ pub struct ConfigError {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with_text(path).map(|(c, _)| c)
+    }
+
+    /// The config and the very text it was parsed from (read once: an edit landing between
+    /// two reads could never pair one file's text with another's validation).
+    pub fn load_with_text(path: &Path) -> Result<(Config, String), ConfigError> {
         let err = |detail: String| ConfigError {
             path: path.to_path_buf(),
             detail,
@@ -363,7 +369,26 @@ impl Config {
         })?;
         let config = Config::parse(&text).map_err(err)?;
         config.warn_if_secrets_exposed(path);
-        Ok(config)
+        config.warn_if_webhook_in_clear();
+        Ok((config, text))
+    }
+
+    /// A webhook URL often carries a token (Slack, Teams): over plain http to another host it
+    /// travels in clear.
+    fn warn_if_webhook_in_clear(&self) {
+        use secrecy::ExposeSecret;
+        if let Some(u) = &self.alerts.webhook_url
+            && let Ok(uri) = u.expose_secret().parse::<hyper::Uri>()
+            && uri.scheme_str() == Some("http")
+            && !matches!(
+                uri.host(),
+                Some("127.0.0.1" | "localhost" | "[::1]" | "::1")
+            )
+        {
+            tracing::warn!(
+                "alerts.webhook_url is plain http to another host: its token and the alerts travel unencrypted; use https"
+            );
+        }
     }
 
     /// A config holding an S3 secret or a connection password should be readable by its owner
@@ -464,6 +489,63 @@ impl Config {
             return Err(
                 "daemon.check_interval and daemon.catalog_interval must be at least 1s".into(),
             );
+        }
+        // Upper bounds keep time arithmetic far from overflow and catch unit slips ("5d" for
+        // "5s").
+        let day = Duration::from_secs(86400);
+        for (key, value, max) in [
+            ("daemon.check_interval", self.daemon.check_interval, day),
+            (
+                "daemon.catalog_interval",
+                self.daemon.catalog_interval,
+                7 * day,
+            ),
+            ("daemon.shutdown_grace", self.daemon.shutdown_grace, day),
+            ("daemon.retry_backoff", self.daemon.retry_backoff, day),
+            (
+                "alerts.repeat_interval",
+                self.alerts.repeat_interval,
+                7 * day,
+            ),
+            (
+                "alerts.archive_lag_critical",
+                self.alerts.archive_lag_critical,
+                365 * day,
+            ),
+            (
+                "alerts.backup_age_critical",
+                self.alerts.backup_age_critical,
+                365 * day,
+            ),
+            ("repository.lease_ttl", self.repository.lease_ttl, day),
+            (
+                "repository.retry_timeout",
+                self.repository.retry_timeout,
+                day,
+            ),
+            (
+                "schedule.jitter",
+                self.schedule.jitter.unwrap_or_default(),
+                day,
+            ),
+        ] {
+            if value > max {
+                return Err(format!(
+                    "{key} = {} is more than {}",
+                    humantime::format_duration(value),
+                    humantime::format_duration(max)
+                ));
+            }
+        }
+        for (name, c) in &self.clusters {
+            if c.schedule.jitter.unwrap_or_default() > day {
+                return Err(format!("clusters.{name}.schedule.jitter is more than 1day"));
+            }
+            if c.drill.count_lock_timeout > Duration::from_secs(3600) {
+                return Err(format!(
+                    "clusters.{name}.drill.count_lock_timeout is more than 1h"
+                ));
+            }
         }
         for name in self.clusters.keys() {
             self.resolve_schedule(name)?;
@@ -685,6 +767,11 @@ key_file = "/k"
                 "archive_lag_warning",
             ),
             ("[daemon]\nchek_interval = \"1s\"", "chek_interval"),
+            (
+                "[daemon]\nretry_backoff = \"300000000000y\"",
+                "retry_backoff",
+            ),
+            ("[daemon]\ncheck_interval = \"2d\"", "daemon.check_interval"),
         ] {
             let e = with(extra).unwrap_err();
             assert!(e.contains(needle), "{extra}: {e}");

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 use crate::cluster::ClusterHandle;
 use crate::error::Error;
-use crate::repo::walindex::{WalGap, summarise};
+use crate::repo::walindex::{WalGap, gaps_from, summarise};
 use crate::repo::window::{self, BackupRange, Window};
 
 #[derive(Debug, Clone, Serialize)]
@@ -33,7 +33,11 @@ pub struct Listing {
     pub windows: Vec<Window>,
     pub earliest_restorable: Option<DateTime<Utc>>,
     pub latest_restorable: Option<DateTime<Utc>>,
+    /// Every gap in the archive, per timeline.
     pub wal_gaps: Vec<(u32, WalGap)>,
+    /// The gaps at or after the oldest backup's first segment: WAL lost inside the history
+    /// that should be restorable.
+    pub window_gaps: Vec<(u32, WalGap)>,
 }
 
 pub async fn list(cluster: &ClusterHandle) -> Result<Listing, Error> {
@@ -79,6 +83,12 @@ pub async fn list(cluster: &ClusterHandle) -> Result<Listing, Error> {
         .iter()
         .flat_map(|t| t.gaps.iter().map(move |g| (t.timeline, g.clone())))
         .collect();
+    let oldest_start = manifests
+        .iter()
+        .filter_map(|m| m.start_lsn.parse().ok())
+        .map(|l| crate::pg::wal::segment_of(l, info.wal_segment_size))
+        .min();
+    let window_gaps = gaps_from(&summary, oldest_start);
     Ok(Listing {
         cluster: cluster.name.clone(),
         earliest_restorable: windows.iter().map(|w| w.from).min(),
@@ -86,5 +96,6 @@ pub async fn list(cluster: &ClusterHandle) -> Result<Listing, Error> {
         backups,
         windows,
         wal_gaps,
+        window_gaps,
     })
 }

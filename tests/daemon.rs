@@ -375,15 +375,42 @@ async fn sighup_rejects_a_bad_config_and_applies_a_good_one() {
         (metric(&b, "tidemark_config_reloads_total")? == 1.0).then_some(())
     })
     .await;
-    let a = st.run(&["audit", "--json"]).ok();
-    let records: Vec<serde_json::Value> = serde_json::from_str(&a.stdout).unwrap();
+    // Recorded in the background: wait for it.
+    wait_for(
+        Duration::from_secs(20),
+        "the config change in the audit log",
+        || {
+            let a = st.run(&["audit", "--json"]);
+            let records: Vec<serde_json::Value> = serde_json::from_str(&a.stdout).ok()?;
+            records
+                .iter()
+                .any(|r| {
+                    r["operation"] == "config_change"
+                        && r["detail"]
+                            .as_str()
+                            .unwrap_or("")
+                            .contains("alerts.archive_lag_warning")
+                })
+                .then_some(())
+        },
+    )
+    .await;
+
+    // What the jobs could not follow while the daemon runs is rejected too.
+    write_owned(
+        &st.cfg,
+        &good.replace("[daemon]", "[daemon]\nmax_concurrent_jobs = 5"),
+    );
+    daemon.signal("HUP");
+    wait_for(Duration::from_secs(20), "the second reload failure", || {
+        let (_, b) = http_get(&addr, "/metrics")?;
+        (metric(&b, "tidemark_config_reload_failures_total")? == 2.0).then_some(())
+    })
+    .await;
     assert!(
-        records.iter().any(|r| r["operation"] == "config_change"
-            && r["detail"]
-                .as_str()
-                .unwrap_or("")
-                .contains("alerts.archive_lag_warning")),
-        "{records:?}"
+        daemon.log().contains("restart the daemon"),
+        "{}",
+        daemon.log()
     );
     assert_eq!(daemon.stop(Duration::from_secs(30)), 0);
 }

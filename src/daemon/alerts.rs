@@ -206,6 +206,28 @@ impl Alerter {
         self.store_ok_at = Some(self.store_ok_at.map_or(at, |t| t.max(at)));
     }
 
+    /// When the evidence of a firing condition was last seen.
+    pub fn observed(&self, key: &AlertKey) -> Option<DateTime<Utc>> {
+        self.firing.get(key).map(|f| f.cond.observed)
+    }
+
+    /// Ends (with a "resolved" where one is due) every condition of a cluster not in
+    /// `clusters`, and every condition `keep` rejects: a removed cluster, or a job no longer
+    /// scheduled, must not remind forever.
+    pub fn retain(
+        &mut self,
+        now: DateTime<Utc>,
+        keep: impl Fn(&AlertKey) -> bool,
+    ) -> Vec<Notification> {
+        let gone: Vec<AlertKey> = self
+            .firing
+            .keys()
+            .filter(|k| k.cluster != STORE_CLUSTER && !keep(k))
+            .cloned()
+            .collect();
+        gone.iter().filter_map(|k| self.clear(k, now)).collect()
+    }
+
     pub fn firing_count(&self) -> usize {
         self.firing.len()
     }

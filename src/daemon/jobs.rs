@@ -145,8 +145,15 @@ pub async fn run(spec: JobSpec, cancel: CancellationToken) -> JobResult {
             }
         }
     };
-    let stdout = out_task.await.unwrap_or_default();
-    let last_error = err_task.await.unwrap_or_default();
+    // A grandchild that inherited the pipes could keep them open after the job exited.
+    let stdout = match tokio::time::timeout(Duration::from_secs(10), out_task).await {
+        Ok(r) => r.unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    let last_error = match tokio::time::timeout(Duration::from_secs(10), err_task).await {
+        Ok(r) => r.unwrap_or_default(),
+        Err(_) => None,
+    };
     let code = match &status {
         Ok(s) => s.code().unwrap_or(-1),
         Err(_) => -1,
@@ -215,6 +222,50 @@ fn forward_log(cluster: &str, kind: JobKind, line: &str) -> Option<String> {
         _ => tracing::info!(cluster, job, "{text}"),
     }
     None
+}
+
+/// Runs a read-only command (`list`, `drill --history`) as a child and returns its JSON:
+/// reading a large catalog then costs the child's memory, which goes back to the system, not
+/// the daemon's. Bounded by `timeout` (the child is killed).
+pub async fn read_json(
+    config: &Path,
+    cluster: &str,
+    args: &[&str],
+    timeout: Duration,
+) -> Result<serde_json::Value, (i32, String)> {
+    let mut cmd = tokio::process::Command::new(current_exe());
+    cmd.arg("--config")
+        .arg(config)
+        .arg("--cluster")
+        .arg(cluster)
+        .args(args)
+        .env("TIDEMARK_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let out = match tokio::time::timeout(timeout, cmd.output()).await {
+        Err(_) => {
+            return Err((
+                -1,
+                format!("{} did not finish within {timeout:?}", args.join(" ")),
+            ));
+        }
+        Ok(Err(e)) => return Err((-1, format!("cannot run {}: {e}", args.join(" ")))),
+        Ok(Ok(o)) => o,
+    };
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = err
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("tidemark: error: "))
+            .unwrap_or_else(|| err.lines().last().unwrap_or("failed"))
+            .to_string();
+        return Err((out.status.code().unwrap_or(-1), line));
+    }
+    serde_json::from_slice(&out.stdout)
+        .map_err(|e| (-1, format!("{}: unreadable output: {e}", args.join(" "))))
 }
 
 /// The executable jobs run: this very binary.

@@ -62,7 +62,8 @@ enum Msg {
     },
     Catalog {
         cluster: String,
-        result: Box<Result<CatalogSummary, String>>,
+        /// The error with the child's exit code (6: the store).
+        result: Box<Result<CatalogSummary, (i32, String)>>,
     },
     Probe {
         result: Result<(), String>,
@@ -127,6 +128,9 @@ struct Daemon {
     tx: mpsc::UnboundedSender<Msg>,
     jobs: Arc<Semaphore>,
     jobs_limit: usize,
+    /// Cancelled at SIGTERM: nothing new starts (also no job waiting for a slot).
+    stopping: CancellationToken,
+    /// Cancelled when the grace period ends: running jobs are asked to stop.
     cancel_jobs: CancellationToken,
     running_jobs: usize,
     probe_running: bool,
@@ -173,13 +177,7 @@ fn probe_options(config: &Config) -> StoreOptions {
 }
 
 fn load_config(path: &Path) -> Result<(Config, String), Error> {
-    let config = Config::load(path)?;
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        Error::Config(crate::config::ConfigError {
-            path: path.to_path_buf(),
-            detail: e.to_string(),
-        })
-    })?;
+    let (config, text) = Config::load_with_text(path)?;
     if config.clusters.is_empty() {
         return Err(Error::Usage(format!(
             "{}: no [clusters.NAME] section: nothing to run",
@@ -263,6 +261,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), Error> {
         tx,
         jobs: Arc::new(Semaphore::new(jobs_limit)),
         jobs_limit,
+        stopping: CancellationToken::new(),
         cancel_jobs: CancellationToken::new(),
         running_jobs: 0,
         probe_running: false,
@@ -273,7 +272,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), Error> {
         config,
     };
     d.apply_clusters()?;
-    d.audit_config_change(previous.as_deref()).await;
+    d.audit_config_change(previous.as_deref());
     tracing::info!(
         clusters = %names.join(","),
         config = %opts.config_path.display(),
@@ -297,6 +296,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), Error> {
         d.send_alerts();
     }
 
+    d.stopping.cancel();
     tracing::info!(
         running = d.running_jobs,
         grace = ?d.config.daemon.shutdown_grace,
@@ -446,13 +446,37 @@ impl Daemon {
                 return;
             }
         };
-        if config.repository.url != self.config.repository.url
-            || config.metrics.listen != self.config.metrics.listen
-            || config.state_dir != self.config.state_dir
-        {
-            tracing::warn!(
-                "repository, metrics.listen and state_dir changes take effect at the next restart"
+        // The jobs read the snapshot: what the daemon cannot switch while it runs (its own
+        // store, its listener, its state directory) must not change under them either.
+        let fixed: Vec<&str> = [
+            (
+                "repository.url",
+                config.repository.url != self.config.repository.url,
+            ),
+            (
+                "metrics.listen",
+                config.metrics.listen != self.config.metrics.listen,
+            ),
+            ("state_dir", config.state_dir != self.config.state_dir),
+            (
+                "daemon.max_concurrent_jobs",
+                config.daemon.max_concurrent_jobs != self.jobs_limit,
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(k, _)| k)
+        .collect();
+        if !fixed.is_empty() {
+            tracing::error!(
+                "config rejected, the running one stays in force: {} changed; restart the daemon to change {}",
+                fixed.join(", "),
+                if fixed.len() == 1 { "it" } else { "them" }
             );
+            if let Ok(mut r) = self.registry.lock() {
+                r.reload_failures_total += 1;
+            }
+            return;
         }
         if let Err(e) = write_atomic(&self.snapshot, text.as_bytes(), true) {
             tracing::error!(
@@ -461,18 +485,8 @@ impl Daemon {
             );
             return;
         }
-        let url = self.config.repository.url.clone();
-        let (listen, state_dir) = (
-            self.config.metrics.listen.clone(),
-            self.config.state_dir.clone(),
-        );
         let old_text = std::mem::replace(&mut self.config_text, text);
         let old = std::mem::replace(&mut self.config, config);
-        // Store settings other than the URL (credentials, retries) apply now; the URL, the
-        // metrics address and the state directory stay as they are until a restart.
-        self.config.repository.url = url;
-        self.config.metrics.listen = listen;
-        self.config.state_dir = state_dir;
         match probe_store(&self.config).await {
             Ok(s) => self.store = s,
             Err(e) => tracing::warn!("keeping the old store connection: {e}"),
@@ -492,24 +506,49 @@ impl Daemon {
             store_settle(&self.config),
             names,
         );
-        if self.config.daemon.max_concurrent_jobs != self.jobs_limit {
-            tracing::warn!("daemon.max_concurrent_jobs changes take effect at the next restart");
+        // Conditions of removed clusters, and of jobs no longer scheduled, end now.
+        let expire_after = self.config.daemon.expire_after_backup;
+        let scheduled: BTreeMap<String, (bool, bool)> = self
+            .clusters
+            .iter()
+            .map(|(n, rt)| {
+                (
+                    n.clone(),
+                    (rt.schedule.backup.is_some(), rt.schedule.drill.is_some()),
+                )
+            })
+            .collect();
+        let ended = self
+            .alerter
+            .retain(Utc::now(), |k| match scheduled.get(&k.cluster) {
+                None => false,
+                Some((backups, drills)) => match k.event {
+                    "backup_failed" => *backups,
+                    "drill_failed" => *drills,
+                    "expire_failed" => expire_after,
+                    _ => true,
+                },
+            });
+        for n in ended {
+            let _ = self.notify_tx.send(n);
         }
         if let Ok(mut r) = self.registry.lock() {
             r.reloads_total += 1;
         }
-        self.audit_config_change(Some(&old_text)).await;
+        self.audit_config_change(Some(&old_text));
         tracing::info!("config reloaded");
     }
 
     /// Records a config change in the audit log of every cluster it concerns: the dotted
-    /// names of the keys that changed, never their values (they may be secrets).
-    async fn audit_config_change(&self, previous: Option<&str>) {
-        let new: Option<toml::Table> = self.config_text.parse().ok();
-        let old: Option<toml::Table> = previous.and_then(|p| p.parse().ok());
+    /// names of the keys that changed, never their values (they may be secrets). In the
+    /// background, so a slow store never holds up the scheduler; retried while the repository
+    /// is unreachable (until it answers or the daemon stops).
+    fn audit_config_change(&self, previous: Option<&str>) {
         if previous == Some(self.config_text.as_str()) {
             return;
         }
+        let new: Option<toml::Table> = self.config_text.parse().ok();
+        let old: Option<toml::Table> = previous.and_then(|p| p.parse().ok());
         let changed = match (&old, &new) {
             (Some(o), Some(n)) => changed_keys(o, n),
             _ => vec!["(first start of the daemon with this state directory)".to_string()],
@@ -519,50 +558,56 @@ impl Daemon {
         }
         for (name, rt) in &self.clusters {
             let prefix = format!("clusters.{name}.");
-            let mine: Vec<&String> = changed
+            let mine: Vec<&str> = changed
                 .iter()
                 .filter(|k| {
                     !k.starts_with("clusters.")
                         || k.starts_with(&prefix)
-                        || *k == &format!("clusters.{name}")
+                        || k.starts_with(&format!("clusters.{name} "))
                 })
+                .map(|k| k.as_str())
                 .collect();
             if mine.is_empty() {
                 continue;
             }
-            let h = &rt.handle;
-            let detail = format!(
-                "{}: {}",
-                self.config_path.display(),
-                mine.iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            match h.repo.read_info().await {
-                Ok(info) => match h.keyring(&info).await {
-                    Ok(k) => {
-                        audit::record(
-                            h,
-                            &info,
-                            &k,
-                            Event::new("config_change", Outcome::Ok).detail(detail),
-                        )
-                        .await
+            let detail = format!("{}: {}", self.config_path.display(), mine.join(", "));
+            let (h, name, stopping) = (rt.handle.clone(), name.clone(), self.stopping.clone());
+            tokio::spawn(async move {
+                let mut wait = Duration::from_secs(5);
+                loop {
+                    let sealed = async {
+                        let info = h.repo.read_info().await?;
+                        let k = h.keyring(&info).await?;
+                        Ok::<_, Error>((info, k))
                     }
-                    Err(e) => {
-                        tracing::warn!(cluster = %name, error = %e, "config change not audited")
+                    .await;
+                    match sealed {
+                        Ok((info, k)) => {
+                            let event = Event::new("config_change", Outcome::Ok).detail(detail);
+                            audit::record(&h, &info, &k, event).await;
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(cluster = %name, error = %e, "config change not audited yet; retrying");
+                        }
                     }
-                },
-                Err(e) => tracing::warn!(cluster = %name, error = %e, "config change not audited"),
-            }
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stopping.cancelled() => {
+                            tracing::error!(cluster = %name, "config change not audited: the daemon stopped first");
+                            return;
+                        }
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(300));
+                }
+            });
         }
     }
 
     async fn on_tick(&mut self) {
         self.heartbeat.beat();
         let now = Utc::now();
-        let stopping = self.cancel_jobs.is_cancelled();
+        let stopping = self.stopping.is_cancelled();
         if self.last_wal_poll.elapsed() >= WAL_STATE_POLL {
             self.last_wal_poll = Instant::now();
             self.poll_wal_state(now);
@@ -599,20 +644,43 @@ impl Daemon {
             rt.next_check = Instant::now() + interval;
             let (h, tx) = (rt.handle.clone(), self.tx.clone());
             let cluster = name.to_string();
+            // A check that hangs (a server that accepts connections and never answers) must
+            // not end the checking of this cluster: it is bounded, and its end is a report.
+            let limit = (interval * 2).max(Duration::from_secs(60));
             tokio::spawn(async move {
                 let opts = CheckOptions {
                     switch_wal: false,
                     archive_timeout: Duration::from_secs(60),
                     catalog: false,
                 };
-                let report = check::check(&h, &opts).await;
-                // Upload audit records a store outage left pending.
-                if let Ok(info) = h.repo.read_info().await
-                    && crate::audit::pending(&h, &info).0 > 0
-                    && let Err(e) = crate::audit::flush(&h, &info).await
-                {
-                    tracing::warn!(cluster = %cluster, error = %e, "pending audit records not uploaded yet");
-                }
+                let run = async {
+                    let report = check::check(&h, &opts).await;
+                    // Upload audit records a store outage left pending.
+                    if let Ok(info) = h.repo.read_info().await
+                        && crate::audit::pending(&h, &info).0 > 0
+                        && let Err(e) = crate::audit::flush(&h, &info).await
+                    {
+                        tracing::warn!(cluster = %h.name, error = %e, "pending audit records not uploaded yet");
+                    }
+                    report
+                };
+                let report = match tokio::time::timeout(limit, run).await {
+                    Ok(r) => r,
+                    Err(_) => CheckReport {
+                        cluster: cluster.clone(),
+                        status: Status::Critical,
+                        checks: vec![check::CheckResult {
+                            name: "check",
+                            status: Status::Critical,
+                            message: format!(
+                                "the health check did not finish within {} (a server or store that does not answer)",
+                                humantime::format_duration(limit)
+                            ),
+                            value: None,
+                            bytes: None,
+                        }],
+                    },
+                };
                 let _ = tx.send(Msg::Check {
                     cluster,
                     report: Box::new(report),
@@ -623,10 +691,11 @@ impl Daemon {
         if !rt.catalog_running && Instant::now() >= rt.next_catalog {
             rt.catalog_running = true;
             rt.next_catalog = Instant::now() + catalog_interval;
-            let (h, tx) = (rt.handle.clone(), self.tx.clone());
-            let cluster = name.to_string();
+            let tx = self.tx.clone();
+            let (cluster, snapshot) = (name.to_string(), self.snapshot.clone());
+            let limit = catalog_interval.max(Duration::from_secs(600));
             tokio::spawn(async move {
-                let result = Box::new(read_catalog(&h).await.map_err(|e| e.to_string()));
+                let result = Box::new(read_catalog(&snapshot, &cluster, limit).await);
                 let _ = tx.send(Msg::Catalog { cluster, result });
             });
         }
@@ -642,6 +711,7 @@ impl Daemon {
                 .and_then(|s| s.next_after(now))
                 .map(|t| jittered(t, rt.schedule.jitter));
             rt.retry_at = None;
+            rt.retry_wait = self.config.daemon.retry_backoff;
             if rt.busy(JobKind::Backup) {
                 tracing::warn!(cluster = %name, "scheduled backup skipped: the previous one still runs");
             } else {
@@ -705,18 +775,22 @@ impl Daemon {
             kind,
             args,
         };
-        let (tx, cancel) = (self.tx.clone(), self.cancel_jobs.clone());
+        let (tx, cancel, stopping) = (
+            self.tx.clone(),
+            self.cancel_jobs.clone(),
+            self.stopping.clone(),
+        );
         // Expire is light and follows a backup: it does not wait for a job slot.
         let permit = (kind != JobKind::Expire).then(|| self.jobs.clone());
         tokio::spawn(async move {
             let _slot = match permit {
                 Some(sem) => tokio::select! {
                     p = sem.acquire_owned() => p.ok(),
-                    _ = cancel.cancelled() => None,
+                    _ = stopping.cancelled() => None,
                 },
                 None => None,
             };
-            let r = if cancel.is_cancelled() {
+            let r = if stopping.is_cancelled() {
                 JobResult {
                     kind,
                     cluster: spec.cluster.clone(),
@@ -867,6 +941,15 @@ impl Daemon {
                 match result {
                     Ok(()) => {
                         self.alerter.store_reachable(at);
+                        if self.alerter.is_firing(&key) {
+                            // Backups that failed on the store need not wait out their backoff.
+                            let soon = Utc::now() + chrono::Duration::seconds(10);
+                            for rt in self.clusters.values_mut() {
+                                if let Some(t) = rt.retry_at {
+                                    rt.retry_at = Some(t.min(soon));
+                                }
+                            }
+                        }
                         self.clear(&key, at)
                     }
                     Err(e) => {
@@ -992,18 +1075,28 @@ impl Daemon {
         }
     }
 
-    fn on_catalog(&mut self, cluster: &str, result: Result<CatalogSummary, String>) {
+    fn on_catalog(&mut self, cluster: &str, result: Result<CatalogSummary, (i32, String)>) {
         let age_limit = self.config.alerts.backup_age_critical;
         let uptime = (Utc::now() - self.started).to_std().unwrap_or_default();
+        let retry = self.config.daemon.check_interval;
         let Some(rt) = self.clusters.get_mut(cluster) else {
             return;
         };
         rt.catalog_running = false;
         let s = match result {
             Ok(s) => s,
-            Err(e) => {
+            Err((code, e)) => {
+                // A catalog that cannot be read (a manifest that fails authentication, a
+                // repository of another system) hides backup age and WAL gaps: an alert itself.
                 tracing::warn!(cluster, error = %e, "reading the catalog failed; retrying");
-                rt.next_catalog = Instant::now() + self.config.daemon.check_interval;
+                rt.next_catalog = Instant::now() + retry;
+                self.condition(
+                    cluster,
+                    "catalog_failed",
+                    Severity::Critical,
+                    format!("the backups and the WAL archive cannot be read (exit {code}): {e}"),
+                    code == 6,
+                );
                 return;
             }
         };
@@ -1014,17 +1107,21 @@ impl Daemon {
         if rt.missed_run_pending {
             rt.missed_run_pending = false;
             if let Some(sched) = &rt.schedule.backup {
-                let period = sched.period_at(now).unwrap_or(Duration::from_secs(86400));
-                let stale = match rt.newest_backup {
-                    None => true,
-                    Some(t) => (now - t).to_std().unwrap_or_default() > period,
+                // Missed: no backup ended after the most recent scheduled time (the daemon was
+                // down then, or stopped while that backup ran). This includes "older than the
+                // schedule's period".
+                let last_due = prev_fire(sched, now);
+                let stale = match (rt.newest_backup, last_due) {
+                    (None, _) => true,
+                    (Some(t), Some(due)) => t < due,
+                    (Some(_), None) => false,
                 };
                 if stale && !rt.busy(JobKind::Backup) {
                     tracing::info!(
                         cluster,
                         newest = %rt.newest_backup.map(|t| t.format("%Y-%m-%d %H:%M:%S+00").to_string()).unwrap_or_else(|| "none".into()),
-                        period = %humantime::format_duration(period),
-                        "the newest backup is older than the schedule's period: running the missed backup now"
+                        due = %last_due.map(|t| t.format("%Y-%m-%d %H:%M:%S+00").to_string()).unwrap_or_else(|| "-".into()),
+                        "no backup since the last scheduled time: running the missed backup now"
                     );
                     run_missed = true;
                 }
@@ -1084,6 +1181,18 @@ impl Daemon {
                 false,
             );
         }
+        // A newer backup than a failure (taken by hand, or by another host) ends the failure.
+        let failed_key = AlertKey {
+            cluster: cluster.to_string(),
+            event: "backup_failed",
+        };
+        if let (Some((newest, ..)), Some(failed_at)) =
+            (s.newest_backup, self.alerter.observed(&failed_key))
+            && newest > failed_at
+        {
+            self.clear(&failed_key, now);
+        }
+        self.clear_event(cluster, "catalog_failed");
         if run_missed {
             self.start_job(cluster, JobKind::Backup, Vec::new());
         }
@@ -1128,7 +1237,7 @@ impl Daemon {
                     }
                     self.clear_event(&cluster, "backup_failed");
                     self.clear_event(&cluster, "backup_age");
-                    if expire_after && !drilling && !self.cancel_jobs.is_cancelled() {
+                    if expire_after && !drilling && !self.stopping.is_cancelled() {
                         self.start_job(&cluster, JobKind::Expire, Vec::new());
                     }
                 } else if r.code == 11 {
@@ -1195,7 +1304,7 @@ impl Daemon {
                 }
             }
             JobKind::Drill => {
-                if std::mem::take(&mut rt.expire_pending) && !self.cancel_jobs.is_cancelled() {
+                if std::mem::take(&mut rt.expire_pending) && !self.stopping.is_cancelled() {
                     self.start_job(&cluster, JobKind::Expire, Vec::new());
                 }
                 let record: Option<crate::drill::DrillRecord> =
@@ -1238,45 +1347,82 @@ fn apply_drill_metrics(m: &mut metrics::ClusterMetrics, d: &crate::drill::DrillR
     }
 }
 
-/// What the slow loop reads: backups, window, gaps, and the newest drill record.
-async fn read_catalog(h: &ClusterHandle) -> Result<CatalogSummary, Error> {
-    let listing = crate::list::list(h).await?;
-    let info = h.repo.read_info().await?;
-    let ss = info.wal_segment_size;
-    let oldest_start = listing
-        .backups
-        .iter()
-        .filter_map(|b| b.start_lsn.parse().ok())
-        .map(|l| crate::pg::wal::segment_of(l, ss))
-        .min();
-    let (files, strays) = h.repo.list_wal().await?;
-    let summary = crate::repo::walindex::summarise(&files, strays, ss);
-    let gaps = crate::repo::walindex::gaps_from(&summary, oldest_start)
-        .into_iter()
-        .map(|(t, g)| {
-            format!(
-                "timeline {t}: {} .. {} ({} missing)",
-                g.from, g.to, g.missing
-            )
-        })
-        .collect();
-    let newest = listing.backups.iter().max_by_key(|b| b.stop_time);
-    let drills = h.repo.store().list(&h.repo.key("drills/")).await?;
-    let last_drill = match drills.iter().max_by(|a, b| a.key.cmp(&b.key)) {
-        Some(m) => h
-            .repo
-            .store()
-            .get_bytes(&m.key, 1 << 20)
-            .await
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok()),
-        None => None,
+/// The most recent scheduled time at or before `now` (within 400 days).
+fn prev_fire(s: &crate::schedule::Schedule, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let period = s.period_at(now).unwrap_or(Duration::from_secs(86400));
+    // Look back twice the period, then further while nothing is found: irregular schedules
+    // (the 1st and 2nd of each month) have a short period and long gaps.
+    let mut back = (period * 2).max(Duration::from_secs(60));
+    while back <= Duration::from_secs(400 * 86400) {
+        let mut t = s.next_after(now - chrono::Duration::from_std(back).ok()?)?;
+        let mut last = None;
+        while t <= now {
+            last = Some(t);
+            t = s.next_after(t)?;
+        }
+        if last.is_some() {
+            return last;
+        }
+        back *= 2;
+    }
+    None
+}
+
+/// What the slow loop reads: backups, window, gaps, and the newest drill record — through
+/// `tidemark list --json` and `drill --history --json` run as children, so a large catalog
+/// (every manifest is read) never grows the daemon's own memory.
+async fn read_catalog(
+    config: &Path,
+    cluster: &str,
+    timeout: Duration,
+) -> Result<CatalogSummary, (i32, String)> {
+    let l = jobs::read_json(config, cluster, &["list", "--json"], timeout).await?;
+    let time = |v: &serde_json::Value| {
+        v.as_str()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc))
     };
+    let backups = l["backups"].as_array().cloned().unwrap_or_default();
+    let newest = backups
+        .iter()
+        .filter_map(|b| {
+            Some((
+                time(&b["stop_time"])?,
+                b["duration_ms"].as_u64().unwrap_or(0),
+                b["original_bytes"].as_u64().unwrap_or(0),
+                b["stored_bytes"].as_u64().unwrap_or(0),
+            ))
+        })
+        .max_by_key(|b| b.0);
+    let gaps = l["window_gaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|g| {
+                    format!(
+                        "timeline {}: {} .. {} ({} missing)",
+                        g[0],
+                        g[1]["from"].as_str().unwrap_or("?"),
+                        g[1]["to"].as_str().unwrap_or("?"),
+                        g[1]["missing"]
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let drills =
+        jobs::read_json(config, cluster, &["drill", "--history", "--json"], timeout).await?;
+    let last_drill = drills
+        .as_array()
+        .and_then(|a| a.last())
+        .and_then(|d| serde_json::from_value(d.clone()).ok());
     Ok(CatalogSummary {
-        newest_backup: newest
-            .map(|b| (b.stop_time, b.duration_ms, b.original_bytes, b.stored_bytes)),
-        backups: listing.backups.len() as u64,
-        window: match (listing.earliest_restorable, listing.latest_restorable) {
+        newest_backup: newest,
+        backups: backups.len() as u64,
+        window: match (
+            time(&l["earliest_restorable"]),
+            time(&l["latest_restorable"]),
+        ) {
             (Some(a), Some(b)) => Some((a, b)),
             _ => None,
         },
@@ -1332,6 +1478,35 @@ fn changed_keys(old: &toml::Table, new: &toml::Table) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prev_fire_finds_the_last_scheduled_time() {
+        let t = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        let daily = crate::schedule::Schedule::parse("0 2 * * *", "UTC").unwrap();
+        assert_eq!(
+            prev_fire(&daily, t("2026-12-01T02:20:00Z")),
+            Some(t("2026-12-01T02:00:00Z"))
+        );
+        assert_eq!(
+            prev_fire(&daily, t("2026-12-01T01:59:59Z")),
+            Some(t("2026-11-30T02:00:00Z"))
+        );
+        // Exactly at the time counts as due.
+        assert_eq!(
+            prev_fire(&daily, t("2026-12-01T02:00:00Z")),
+            Some(t("2026-12-01T02:00:00Z"))
+        );
+        let irregular = crate::schedule::Schedule::parse("0 0 1,2 * *", "UTC").unwrap();
+        assert_eq!(
+            prev_fire(&irregular, t("2026-12-20T00:00:00Z")),
+            Some(t("2026-12-02T00:00:00Z"))
+        );
+        let minutely = crate::schedule::Schedule::parse("* * * * *", "UTC").unwrap();
+        assert_eq!(
+            prev_fire(&minutely, t("2026-12-01T10:00:30Z")),
+            Some(t("2026-12-01T10:00:00Z"))
+        );
+    }
 
     #[test]
     fn changed_keys_names_keys_not_values() {
