@@ -54,6 +54,8 @@ impl Fleet {
             ));
             pgs.push((name.to_string(), pg));
         }
+        // `DIR` in the repository lines stands for the test directory.
+        let repo = repo.replace("DIR", &dir.path.display().to_string());
         let text = format!(
             "state_dir = \"{}\"\n[repository]\n{repo}\n{extra}\n{clusters}",
             dir.join("state").display()
@@ -82,20 +84,14 @@ impl Fleet {
     }
 }
 
-fn local_repo(dir_hint: &str) -> String {
-    format!("url = \"file://{dir_hint}\"")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn daemon_backs_up_two_clusters_on_schedule() {
     let hook = Webhook::start();
     let port = free_port();
-    let repo_dir = format!("/tmp/tdm-{}-daemon-repo", std::process::id());
-    let _ = std::fs::remove_dir_all(&repo_dir);
     let fleet = Fleet::start(
         "dmn",
         &["acme", "beta"],
-        &local_repo(&repo_dir),
+        "url = \"file://DIR/repo\"",
         &format!(
             "[schedule]\nbackup = \"* * * * *\"\ntimezone = \"Europe/Berlin\"\n\
              [daemon]\ncheck_interval = \"2s\"\ncatalog_interval = \"3s\"\n\
@@ -110,7 +106,6 @@ async fn daemon_backs_up_two_clusters_on_schedule() {
         "[clusters.acme.drill]\nschedule = \"* * * * *\"\ntarget = \"latest\"\n\n[clusters.beta]",
     );
     write_owned(&fleet.cfg, &text);
-    chown_to_user(Path::new(&repo_dir).parent().unwrap());
     for (_, pg) in &fleet.pgs {
         let c = pg.client().await;
         c.batch_execute("create table t(x int); insert into t values (1)")
@@ -243,7 +238,7 @@ async fn daemon_backs_up_two_clusters_on_schedule() {
     // SIGTERM: exits 0; whatever was running leaves nothing partial listed.
     assert_eq!(daemon.stop(Duration::from_secs(120)), 0, "{}", daemon.log());
     for c in ["acme", "beta"] {
-        let dirs: Vec<String> = std::fs::read_dir(Path::new(&repo_dir).join(c).join("backups"))
+        let dirs: Vec<String> = std::fs::read_dir(fleet.dir.join("repo").join(c).join("backups"))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
@@ -276,7 +271,6 @@ async fn daemon_backs_up_two_clusters_on_schedule() {
         daemon.log()
     );
     assert_eq!(daemon.stop(Duration::from_secs(60)), 0);
-    let _ = std::fs::remove_dir_all(&repo_dir);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -122,7 +122,7 @@ struct Daemon {
     alerter: Alerter,
     registry: metrics::Shared,
     heartbeat: metrics::Heartbeat,
-    notify_tx: mpsc::UnboundedSender<alerts::Notification>,
+    notify_tx: mpsc::Sender<alerts::Notification>,
     targets_tx: watch::Sender<notify::Targets>,
     delivery: Arc<notify::DeliveryCounters>,
     tx: mpsc::UnboundedSender<Msg>,
@@ -530,7 +530,7 @@ impl Daemon {
                 },
             });
         for n in ended {
-            let _ = self.notify_tx.send(n);
+            self.queue_notification(n);
         }
         if let Ok(mut r) = self.registry.lock() {
             r.reloads_total += 1;
@@ -884,14 +884,26 @@ impl Daemon {
 
     fn clear(&mut self, key: &AlertKey, now: DateTime<Utc>) {
         if let Some(n) = self.alerter.clear(key, now) {
-            let _ = self.notify_tx.send(n);
+            self.queue_notification(n);
+        }
+    }
+
+    fn queue_notification(&self, n: alerts::Notification) {
+        if let Err(e) = self.notify_tx.try_send(n) {
+            let n = match e {
+                mpsc::error::TrySendError::Full(n) | mpsc::error::TrySendError::Closed(n) => n,
+            };
+            tracing::error!(event = %n.event, cluster = %n.cluster, "alert dropped: {} notifications wait for delivery already", notify::QUEUE);
+            self.delivery
+                .failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
     fn send_alerts(&mut self) {
         for n in self.alerter.evaluate(Utc::now()) {
             tracing::warn!(event = %n.event, cluster = %n.cluster, severity = %n.severity, "ALERT: {}", n.message);
-            let _ = self.notify_tx.send(n);
+            self.queue_notification(n);
         }
     }
 

@@ -91,13 +91,19 @@ fn https_client(ca_file: Option<&std::path::Path>) -> Result<HttpsClient, String
     Ok(Client::builder(TokioExecutor::new()).build(connector))
 }
 
-/// Starts the delivery task; send notifications into the returned channel. Targets can be
-/// replaced (config reload) through the watch sender.
+/// Notifications waiting for delivery. Each failing delivery takes about a minute of retries;
+/// dedup keeps the rate far below that, but a receiver down for days must not grow the queue
+/// without bound: beyond this, new notifications are dropped (logged and counted as failed).
+pub const QUEUE: usize = 256;
+
+/// Starts the delivery task; send notifications into the returned channel (`try_send`: a
+/// full queue drops, see QUEUE). Targets can be replaced (config reload) through the watch
+/// sender.
 pub fn start(
     targets: tokio::sync::watch::Receiver<Targets>,
     counters: Arc<DeliveryCounters>,
-) -> mpsc::UnboundedSender<Notification> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Notification>();
+) -> mpsc::Sender<Notification> {
+    let (tx, mut rx) = mpsc::channel::<Notification>(QUEUE);
     tokio::spawn(async move {
         while let Some(n) = rx.recv().await {
             let t = targets.borrow().clone();

@@ -235,7 +235,13 @@ fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<ObjectMeta>) -> io:
                 walk(root, &path, prefix, out)?;
             }
         } else if ft.is_file() && key.starts_with(prefix) {
-            let meta = entry.metadata()?;
+            // Deleted since read_dir saw it (expire running beside a listing): the listing is
+            // a snapshot of some moment, and at that moment it may already be gone.
+            let meta = match entry.metadata() {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             out.push(ObjectMeta {
                 key,
                 size: meta.len(),
@@ -326,6 +332,32 @@ impl Drop for LocalWriter {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    /// Regression (seen in a daemon soak): a listing beside an expire failed with "No such
+    /// file or directory" when a file went between read_dir and its stat.
+    #[test]
+    fn listing_survives_concurrent_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("c/wal/00000001");
+        std::fs::create_dir_all(&wal).unwrap();
+        for i in 0..3000 {
+            std::fs::write(wal.join(format!("{i:024}")), b"x").unwrap();
+        }
+        let w = wal.clone();
+        let deleter = std::thread::spawn(move || {
+            for i in 0..3000 {
+                std::fs::remove_file(w.join(format!("{i:024}"))).unwrap();
+            }
+        });
+        let mut lists = 0;
+        while !deleter.is_finished() {
+            let mut out = Vec::new();
+            walk(dir.path(), dir.path(), "c/wal/", &mut out).expect("listing failed");
+            lists += 1;
+        }
+        deleter.join().unwrap();
+        assert!(lists > 0);
+    }
 
     #[tokio::test]
     async fn put_get_list_delete() {
