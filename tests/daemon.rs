@@ -520,3 +520,81 @@ async fn s3_outage_is_one_alert_then_resolved_and_no_wal_is_lost() {
     );
     assert_eq!(daemon.stop(Duration::from_secs(30)), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backup_held_off_by_another_is_retried_unless_that_one_completed() {
+    let hook = Webhook::start();
+    let port = free_port();
+    // A schedule far away: the backups that run are the missed runs at start.
+    let fleet = Fleet::start(
+        "dmn-busy",
+        &["acme", "beta"],
+        "url = \"file://DIR/repo\"",
+        &format!(
+            "[schedule]\nbackup = \"0 3 1 1 *\"\n\
+             [daemon]\ncheck_interval = \"2s\"\nretry_backoff = \"20s\"\nexpire_after_backup = false\n\
+             [metrics]\nlisten = \"127.0.0.1:{port}\"\n[alerts]\nwebhook_url = \"{}\"\n",
+            hook.url
+        ),
+        "",
+    );
+    // Another backup's session holds each cluster's lock, as a running backup does.
+    let key: i64 = 0x7469_6465_6d61_726b;
+    let mut holders = Vec::new();
+    for (_, pg) in &fleet.pgs {
+        let c = pg.client().await;
+        c.execute("select pg_advisory_lock($1)", &[&key])
+            .await
+            .unwrap();
+        holders.push(c);
+    }
+    let mut daemon = DaemonProc::start(&fleet.dir, &fleet.cfg, "busy");
+    wait_for(Duration::from_secs(60), "both missed runs held off", || {
+        (daemon.log().matches("backup held off").count() >= 2).then_some(())
+    })
+    .await;
+    assert!(fleet.backups("acme").is_empty() && fleet.backups("beta").is_empty());
+    // acme's holder goes away without a backup; beta's is replaced by an operator's backup
+    // that completes before the retry.
+    drop(holders);
+    fleet.run(&["--cluster", "beta", "backup"]).ok();
+    wait_for(Duration::from_secs(90), "acme's retried backup", || {
+        (fleet.backups("acme").len() == 1).then_some(())
+    })
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "beta's retry to be dropped",
+        || {
+            daemon
+                .log()
+                .contains("not retrying: the backup that held the lock has completed")
+                .then_some(())
+        },
+    )
+    .await;
+    let log = daemon.log();
+    assert!(
+        log.contains("retrying the backup that another one held off"),
+        "{log}"
+    );
+    assert_eq!(
+        fleet.backups("beta").len(),
+        1,
+        "beta backed up twice: {log}"
+    );
+    // Being held off is not a failure: no alert, no failure counted.
+    let (_, body) = http_get(&format!("127.0.0.1:{port}"), "/metrics").unwrap();
+    for c in ["acme", "beta"] {
+        assert_eq!(
+            metric(
+                &body,
+                &format!("tidemark_backup_failures_total{{cluster=\"{c}\"}}")
+            ),
+            Some(0.0),
+            "{body}"
+        );
+    }
+    assert!(hook.all().is_empty(), "alerts sent: {:?}", hook.all());
+    assert_eq!(daemon.stop(Duration::from_secs(60)), 0, "{log}");
+}

@@ -14,7 +14,7 @@
 //!   than the store's recovery plus a settle time: an S3 outage is one alert and one
 //!   "resolved", not one per cluster and failure.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -57,6 +57,9 @@ pub struct Condition {
     pub observed: DateTime<Utc>,
     /// Explained by an unreachable repository when one is firing.
     pub store_caused: bool,
+    /// What the condition is about beyond its key (check_failed: the names of the failing
+    /// checks). A name not in the last notification notifies again at once, as a new firing.
+    pub topic: BTreeSet<String>,
 }
 
 /// What is sent to the webhook and the command.
@@ -86,6 +89,8 @@ struct Firing {
     cond: Condition,
     since: DateTime<Utc>,
     notified: Option<Severity>,
+    /// The topic of the last notification.
+    notified_topic: BTreeSet<String>,
     repeats: u32,
     next_repeat: Option<DateTime<Utc>>,
     /// Not before this time (flap damping).
@@ -171,6 +176,7 @@ impl Alerter {
                         since: cond.observed.min(now),
                         cond,
                         notified: None,
+                        notified_topic: BTreeSet::new(),
                         repeats: 0,
                         next_repeat: None,
                         hold_until,
@@ -270,16 +276,17 @@ impl Alerter {
             if self.inhibited(&f) || f.hold_until.is_some_and(|h| now < h) {
                 continue;
             }
+            let widened = !f.cond.topic.is_subset(&f.notified_topic);
             let send = match f.notified {
                 None => true,
-                Some(s) if f.cond.severity > s => true,
+                Some(s) if f.cond.severity > s || widened => true,
                 Some(_) => f.next_repeat.is_some_and(|t| now >= t),
             };
             if !send {
                 continue;
             }
             let repeat = match f.notified {
-                Some(s) if f.cond.severity <= s => f.repeats + 1,
+                Some(s) if f.cond.severity <= s && !widened => f.repeats + 1,
                 _ => 0,
             };
             let wait = self
@@ -290,6 +297,7 @@ impl Alerter {
                 e.notified = Some(f.cond.severity.max(f.notified.unwrap_or(Severity::Warning)));
                 e.repeats = repeat;
                 e.next_repeat = Some(add(now, wait));
+                e.notified_topic = f.cond.topic.clone();
             }
             let mut n = self.notification(&f, now, false);
             n.repeat = repeat;
@@ -387,6 +395,7 @@ mod tests {
             message: format!("{event} at {at}"),
             observed: t(at),
             store_caused: store,
+            topic: Default::default(),
         }
     }
 
@@ -469,6 +478,32 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_newly_failing_check_notifies_again_a_recovering_one_does_not() {
+        let mut a = alerter();
+        let with = |at: i64, names: &[&str]| Condition {
+            topic: names.iter().map(|n| n.to_string()).collect(),
+            ..cond("acme", "check_failed", Severity::Warning, at, false)
+        };
+        a.set(with(0, &["pg_wal_space"]), t(0));
+        assert_eq!(a.evaluate(t(0)).len(), 1);
+        a.set(with(10, &["pg_wal_space"]), t(10));
+        assert!(a.evaluate(t(10)).is_empty(), "same checks: deduplicated");
+        // A second check fails: a new notification at once, not a reminder.
+        a.set(with(20, &["pg_wal_space", "postgres"]), t(20));
+        let n = a.evaluate(t(20));
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].repeat, 0);
+        // One of them recovers: nothing until the reminder is due.
+        a.set(with(30, &["postgres"]), t(30));
+        assert!(a.evaluate(t(30)).is_empty());
+        assert!(a.evaluate(t(3600)).is_empty());
+        assert_eq!(
+            a.evaluate(t(3620)).len(),
+            1,
+            "the reminder after repeat_interval"
+        );
+    }
     #[test]
     fn store_outage_is_one_alert_and_one_resolved() {
         let mut a = alerter();

@@ -4,9 +4,9 @@
 //!
 //! Shape: one scheduler loop owns all state (clusters, alert conditions, metrics) and reacts
 //! to a 1-second tick, to signals, and to messages from the tasks it starts. Heavy work runs in
-//! child processes (`jobs`); checks and catalog reads run as tasks of this process against a
-//! store with short retries, so a slow store makes a check fail fast (and alert) instead of
-//! hanging the loop.
+//! child processes (`jobs`); checks run as tasks of this process against a store with short
+//! retries, so a slow store makes a check fail fast (and alert) instead of hanging the loop;
+//! catalog reads run as children too (`list --json`, `drill --history --json`).
 //!
 //! Contracts:
 //! - One backup of a cluster at a time: the daemon never starts a second one itself, and the
@@ -14,7 +14,8 @@
 //! - A missed run (daemon down at the scheduled time) runs once at start when the newest
 //!   backup is older than the schedule's period.
 //! - A failed backup is retried after `retry_backoff`, doubling, never past the next
-//!   scheduled run.
+//!   scheduled run. One held off by another holder of the lock (exit 11) is retried after
+//!   `retry_backoff` unless a backup completed meanwhile; it is not a failure.
 //! - SIGTERM: no new job starts; running jobs get `shutdown_grace` to finish, then SIGTERM
 //!   (a backup aborts and removes what it wrote; nothing partial is ever listed); exit 0.
 //! - SIGHUP: the config is read again; a config that does not parse or validate is rejected
@@ -87,6 +88,10 @@ struct ClusterRt {
     next_drill: Option<DateTime<Utc>>,
     retry_at: Option<DateTime<Utc>>,
     retry_wait: Duration,
+    /// Set when the pending retry is for a backup refused because another one held the
+    /// cluster's lock (exit 11): when the refusal happened. The retry is dropped if a backup
+    /// ended after that (the other one covers this run).
+    busy_since: Option<DateTime<Utc>>,
     running: BTreeMap<&'static str, bool>,
     check_running: bool,
     catalog_running: bool,
@@ -402,6 +407,7 @@ impl Daemon {
                         next_drill,
                         retry_at: None,
                         retry_wait: self.config.daemon.retry_backoff,
+                        busy_since: None,
                         running: BTreeMap::new(),
                         check_running: false,
                         catalog_running: false,
@@ -712,6 +718,7 @@ impl Daemon {
                 .map(|t| jittered(t, rt.schedule.jitter));
             rt.retry_at = None;
             rt.retry_wait = self.config.daemon.retry_backoff;
+            rt.busy_since = None;
             if rt.busy(JobKind::Backup) {
                 tracing::warn!(cluster = %name, "scheduled backup skipped: the previous one still runs");
             } else {
@@ -726,8 +733,19 @@ impl Daemon {
             && !rt.busy(JobKind::Backup)
         {
             rt.retry_at = None;
-            tracing::info!(cluster = %name, "retrying the failed backup");
-            self.start_job(name, JobKind::Backup, Vec::new());
+            match rt.busy_since.take() {
+                Some(since) if rt.newest_backup.is_some_and(|b| b >= since) => {
+                    tracing::info!(cluster = %name, "not retrying: the backup that held the lock has completed");
+                }
+                Some(_) => {
+                    tracing::info!(cluster = %name, "retrying the backup that another one held off");
+                    self.start_job(name, JobKind::Backup, Vec::new());
+                }
+                None => {
+                    tracing::info!(cluster = %name, "retrying the failed backup");
+                    self.start_job(name, JobKind::Backup, Vec::new());
+                }
+            }
         }
         let Some(rt) = self.clusters.get_mut(name) else {
             return;
@@ -870,6 +888,7 @@ impl Daemon {
                             ),
                             observed: t,
                             store_caused,
+                            topic: Default::default(),
                         },
                         now,
                     );
@@ -925,6 +944,7 @@ impl Daemon {
                 message: msg,
                 observed: Utc::now(),
                 store_caused,
+                topic: Default::default(),
             },
             Utc::now(),
         );
@@ -974,6 +994,7 @@ impl Daemon {
                                 message: format!("the repository is unreachable: {e}"),
                                 observed: at,
                                 store_caused: false,
+                                topic: Default::default(),
                             },
                             at,
                         )
@@ -1050,6 +1071,7 @@ impl Daemon {
                     message,
                     observed: at,
                     store_caused: true,
+                    topic: Default::default(),
                 },
                 at,
             ),
@@ -1081,6 +1103,7 @@ impl Daemon {
                     message,
                     observed: at,
                     store_caused,
+                    topic: other.iter().map(|c| c.name.to_string()).collect(),
                 },
                 at,
             );
@@ -1226,6 +1249,7 @@ impl Daemon {
                 if r.ok() {
                     rt.retry_at = None;
                     rt.retry_wait = backoff;
+                    rt.busy_since = None;
                     rt.next_catalog = Instant::now();
                     if let Ok(mut reg) = self.registry.lock() {
                         let m = reg.clusters.entry(cluster.clone()).or_default();
@@ -1253,11 +1277,29 @@ impl Daemon {
                         self.start_job(&cluster, JobKind::Expire, Vec::new());
                     }
                 } else if r.code == 11 {
-                    tracing::warn!(cluster = %cluster, "backup skipped: {error}");
+                    // Another process (an operator's backup, another host) holds the cluster's
+                    // lock: no alert, try again after retry_backoff (never past the next
+                    // scheduled run) unless a backup has completed by then. The catalog is
+                    // read before the retry so that completion is seen.
+                    let now = Utc::now();
+                    let at = now + chrono::Duration::from_std(backoff).unwrap_or_default();
+                    rt.retry_at = match rt.next_backup {
+                        Some(n) if n <= at => None,
+                        _ => Some(at),
+                    };
+                    if rt.retry_at.is_some() {
+                        let started =
+                            now - chrono::Duration::milliseconds((r.seconds * 1000.0) as i64);
+                        rt.busy_since.get_or_insert(started);
+                        rt.next_catalog =
+                            rt.next_catalog.min(Instant::now() + backoff.mul_f64(0.75));
+                    }
+                    tracing::warn!(cluster = %cluster, "backup held off, will retry unless that one completes: {error}");
                 } else if r.cancelled || r.code == 15 {
                     tracing::info!(cluster = %cluster, "backup stopped for the shutdown; nothing of it was kept");
                 } else {
                     // Retry with backoff, never past the next scheduled run.
+                    rt.busy_since = None;
                     let now = Utc::now();
                     let wait = rt.retry_wait;
                     let at = now + chrono::Duration::from_std(wait).unwrap_or_default();
