@@ -187,8 +187,9 @@ schedule, checks health every [daemon] check_interval (repository, server, archi
 lag, WAL gaps, backup age), serves Prometheus metrics on [metrics] listen (/metrics, /healthz), \
 and sends alerts to [alerts] webhook_url and/or command — once per problem, with reminders \
 backing off, and a \"resolved\" when it clears. A missed run (daemon down at the scheduled \
-time) runs at start when the newest backup is older than the schedule's period; a failed \
-backup is retried with backoff.\n\n\
+time) runs at start when no backup ended after the most recent scheduled time; a failed \
+backup is retried with backoff ([daemon] retry_backoff, doubling); one held off by another \
+backup of the cluster (an operator's, another host's) is retried unless that one completed.\n\n\
 Signals: SIGTERM/SIGINT stop scheduling, give running jobs [daemon] shutdown_grace, then ask \
 them to stop (a backup aborts and removes what it wrote; nothing partial is listed), exit 0. \
 SIGHUP reloads the config; a config that fails to load is rejected and the running one stays."
