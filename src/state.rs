@@ -77,16 +77,21 @@ pub struct FileLock {
     _file: File,
 }
 
+/// The lock file, created (mode 0600) when missing; its content is never touched.
+fn open_lock_file(path: &Path) -> io::Result<std::fs::File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+}
+
 impl FileLock {
     /// The lock, or None at once if another process holds it.
     pub fn try_acquire(path: &Path) -> io::Result<Option<FileLock>> {
         use std::os::fd::AsRawFd;
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(path)?;
+        let file = open_lock_file(path)?;
         // SAFETY: flock(2) on a descriptor this function owns.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc == 0 {
@@ -102,12 +107,7 @@ impl FileLock {
 
     pub fn acquire(path: &Path) -> io::Result<FileLock> {
         use std::os::fd::AsRawFd;
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(path)?;
+        let file = open_lock_file(path)?;
         loop {
             // SAFETY: flock(2) on a descriptor this function owns.
             let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
