@@ -11,8 +11,8 @@
 //! Contracts:
 //! - One backup of a cluster at a time: the daemon never starts a second one itself, and the
 //!   backup command's lease and advisory lock exclude other daemons and operators.
-//! - A missed run (daemon down at the scheduled time) runs once at start when the newest
-//!   backup is older than the schedule's period.
+//! - A missed run (daemon down at the scheduled time) runs once at start when no backup
+//!   ended after the most recent scheduled time.
 //! - A failed backup is retried after `retry_backoff`, doubling, never past the next
 //!   scheduled run. One held off by another holder of the lock (exit 11) is retried after
 //!   `retry_backoff` unless a backup completed meanwhile; it is not a failure.
