@@ -1,6 +1,6 @@
 //! `tidemark daemon` against real PostgreSQL clusters, a local repository and a real Garage:
 //! scheduled backups of two clusters (the missed run at start, then the cron schedule), a
-//! scheduled drill, metrics, the audit trail; SIGTERM during a backup; SIGHUP with a bad and
+//! scheduled drill, the global job limit, metrics, the audit trail; SIGTERM during a backup; SIGHUP with a bad and
 //! a good config; an S3 outage during archiving (one alert, one "resolved", no WAL lost).
 
 mod common;
@@ -94,7 +94,7 @@ async fn daemon_backs_up_two_clusters_on_schedule() {
         "url = \"file://DIR/repo\"",
         &format!(
             "[schedule]\nbackup = \"* * * * *\"\ntimezone = \"Europe/Berlin\"\n\
-             [daemon]\ncheck_interval = \"2s\"\ncatalog_interval = \"3s\"\n\
+             [daemon]\ncheck_interval = \"2s\"\ncatalog_interval = \"3s\"\nmax_concurrent_jobs = 1\n\
              [metrics]\nlisten = \"127.0.0.1:{port}\"\n[alerts]\nwebhook_url = \"{}\"\n",
             hook.url
         ),
@@ -251,6 +251,29 @@ async fn daemon_backs_up_two_clusters_on_schedule() {
             dirs.len(),
             listed.len(),
             "leftover of an aborted backup: {dirs:?} vs {listed:?}"
+        );
+    }
+
+    // max_concurrent_jobs = 1: no two of the daemon's backups ran at once, over both clusters
+    // (both fire in the same minute).
+    let mut spans: Vec<(String, String, String)> = ["acme", "beta"]
+        .iter()
+        .flat_map(|c| fleet.backups(c))
+        .map(|b| {
+            (
+                b["start_time"].as_str().unwrap().to_string(),
+                b["stop_time"].as_str().unwrap().to_string(),
+                b["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(spans.len() >= 4, "{spans:?}");
+    let parse = |t: &str| chrono::DateTime::parse_from_rfc3339(t).unwrap();
+    spans.sort_by_key(|s| parse(&s.0));
+    for w in spans.windows(2) {
+        assert!(
+            parse(&w[0].1) <= parse(&w[1].0),
+            "backups overlapped despite max_concurrent_jobs = 1: {w:?}"
         );
     }
 
