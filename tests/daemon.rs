@@ -1,7 +1,8 @@
 //! `tidemark daemon` against real PostgreSQL clusters, a local repository and a real Garage:
 //! scheduled backups of two clusters (the missed run at start, then the cron schedule), a
-//! scheduled drill, the global job limit, metrics, the audit trail; SIGTERM during a backup; SIGHUP with a bad and
-//! a good config; an S3 outage during archiving (one alert, one "resolved", no WAL lost).
+//! scheduled drill, the global job limit, metrics, the audit trail; SIGTERM during a backup;
+//! SIGHUP with a bad and a good config; an S3 outage during archiving (one alert, one
+//! "resolved", no WAL lost); backups held off by another holder of the lock.
 
 mod common;
 
