@@ -338,28 +338,38 @@ async fn backup_locked(
             return Err(e.into());
         }
     }
-    let result = backup_leased(
-        cluster, opts, info, keyring, started, id_out, &client, &pgdata, &id,
-    )
-    .await;
+    let run = Run {
+        cluster,
+        opts,
+        info,
+        keyring,
+        started,
+        client: &client,
+        pgdata: &pgdata,
+        id: &id,
+    };
+    let result = backup_leased(&run, id_out).await;
     // Ends the backup session (and its lock) cleanly; a failed backup's session ending also
     // ends PostgreSQL's backup mode.
     client.close().await;
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn backup_leased(
-    cluster: &ClusterHandle,
-    opts: &BackupOptions,
-    info: &ClusterInfo,
-    keyring: &Arc<Keyring>,
+/// What the steps of one backup share once the server is known.
+struct Run<'a> {
+    cluster: &'a ClusterHandle,
+    opts: &'a BackupOptions,
+    info: &'a ClusterInfo,
+    keyring: &'a Arc<Keyring>,
     started: Instant,
-    id_out: &mut Option<String>,
-    client: &tokio_postgres::Client,
-    pgdata: &std::path::Path,
-    id: &pg::conn::ServerIdentity,
-) -> Result<BackupOutcome, Error> {
+    /// The backup's session: it holds the advisory lock and the backup mode.
+    client: &'a tokio_postgres::Client,
+    pgdata: &'a std::path::Path,
+    id: &'a pg::conn::ServerIdentity,
+}
+
+async fn backup_leased(run: &Run<'_>, id_out: &mut Option<String>) -> Result<BackupOutcome, Error> {
+    let (cluster, client) = (run.cluster, run.client);
     let locked: bool = client
         .query_one("select pg_try_advisory_lock($1)", &[&BACKUP_LOCK_KEY])
         .await
@@ -379,26 +389,25 @@ async fn backup_leased(
             LeaseError::Store(e) => Error::Store(e),
             LeaseError::Held(h) => Error::Busy(h.describe()),
         })?;
-    let result = backup_with_lock(
-        cluster, opts, info, keyring, started, id_out, client, pgdata, id,
-    )
-    .await;
+    let result = backup_with_lock(run, id_out).await;
     lease.release().await;
     result
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn backup_with_lock(
-    cluster: &ClusterHandle,
-    opts: &BackupOptions,
-    info: &ClusterInfo,
-    keyring: &Arc<Keyring>,
-    started: Instant,
+    run: &Run<'_>,
     id_out: &mut Option<String>,
-    client: &tokio_postgres::Client,
-    pgdata: &std::path::Path,
-    id: &pg::conn::ServerIdentity,
 ) -> Result<BackupOutcome, Error> {
+    let &Run {
+        cluster,
+        opts,
+        info,
+        keyring,
+        started,
+        client,
+        pgdata,
+        id,
+    } = run;
     let removed_incomplete = remove_incomplete(&cluster.repo).await?;
     let backup_id = new_backup_id(&cluster.repo, &removed_incomplete).await?;
     *id_out = Some(backup_id.clone());
