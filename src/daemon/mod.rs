@@ -89,8 +89,8 @@ struct ClusterRt {
     retry_at: Option<DateTime<Utc>>,
     retry_wait: Duration,
     /// Set when the pending retry is for a backup refused because another one held the
-    /// cluster's lock (exit 11): when the refusal happened. The retry is dropped if a backup
-    /// ended after that (the other one covers this run).
+    /// cluster's lock (exit 11): when the refused job started. The retry is dropped if a
+    /// backup ended after that (the other one covers this run).
     busy_since: Option<DateTime<Utc>>,
     running: BTreeMap<&'static str, bool>,
     check_running: bool,
@@ -143,6 +143,20 @@ struct Daemon {
     started: DateTime<Utc>,
     last_wal_poll: Instant,
     _lock: FileLock,
+}
+
+/// When to retry a backup `wait` after `now`: None when the next scheduled run comes first
+/// (it takes the retry's place).
+fn retry_time(
+    now: DateTime<Utc>,
+    wait: Duration,
+    next_backup: Option<DateTime<Utc>>,
+) -> Option<DateTime<Utc>> {
+    let at = now + chrono::Duration::from_std(wait).unwrap_or_default();
+    match next_backup {
+        Some(n) if n <= at => None,
+        _ => Some(at),
+    }
 }
 
 fn jittered(t: DateTime<Utc>, jitter: Duration) -> DateTime<Utc> {
@@ -1282,11 +1296,7 @@ impl Daemon {
                     // scheduled run) unless a backup has completed by then. The catalog is
                     // read before the retry so that completion is seen.
                     let now = Utc::now();
-                    let at = now + chrono::Duration::from_std(backoff).unwrap_or_default();
-                    rt.retry_at = match rt.next_backup {
-                        Some(n) if n <= at => None,
-                        _ => Some(at),
-                    };
+                    rt.retry_at = retry_time(now, backoff, rt.next_backup);
                     if rt.retry_at.is_some() {
                         let started =
                             now - chrono::Duration::milliseconds((r.seconds * 1000.0) as i64);
@@ -1294,19 +1304,18 @@ impl Daemon {
                         rt.next_catalog =
                             rt.next_catalog.min(Instant::now() + backoff.mul_f64(0.75));
                     }
-                    tracing::warn!(cluster = %cluster, "backup held off, will retry unless that one completes: {error}");
+                    let when = match rt.retry_at {
+                        Some(_) => "retrying unless that one completes",
+                        None => "the next scheduled run comes first",
+                    };
+                    tracing::warn!(cluster = %cluster, "backup held off ({when}): {error}");
                 } else if r.cancelled || r.code == 15 {
                     tracing::info!(cluster = %cluster, "backup stopped for the shutdown; nothing of it was kept");
                 } else {
                     // Retry with backoff, never past the next scheduled run.
                     rt.busy_since = None;
-                    let now = Utc::now();
                     let wait = rt.retry_wait;
-                    let at = now + chrono::Duration::from_std(wait).unwrap_or_default();
-                    rt.retry_at = match rt.next_backup {
-                        Some(n) if n <= at => None,
-                        _ => Some(at),
-                    };
+                    rt.retry_at = retry_time(Utc::now(), wait, rt.next_backup);
                     rt.retry_wait = (wait * 2).min(Duration::from_secs(86400));
                     tracing::error!(
                         cluster = %cluster,
