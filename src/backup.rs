@@ -32,8 +32,8 @@ use crate::pipeline::Keyring;
 use crate::progress::Progress;
 use crate::repo::lease::{self, LeaseError};
 use crate::repo::manifest::{
-    BackupManifest, DirEntry, Extent, FileEntry, MANIFEST_FORMAT, PackEntry, RowCounts, TableCount,
-    TablespaceEntry,
+    BackupManifest, ConfigDirEntry, ConfigFileEntry, DirEntry, Extent, FileEntry, MANIFEST_FORMAT,
+    PackEntry, RowCounts, ServerConfiguration, SettingEntry, TableCount, TablespaceEntry,
 };
 use crate::repo::{ClusterInfo, Repository};
 use crate::transfer;
@@ -516,11 +516,17 @@ async fn copy_and_finish(
             EntryKind::File { size } => file_list.push((e.path, e.source, size, e.mode)),
         }
     }
-    let total: u64 = file_list.iter().map(|f| f.2).sum();
+    // The configuration the server reads from outside the data directory (Debian's
+    // /etc/postgresql/...) goes into the same packs, after the data files.
+    let discovered = pg::conffiles::discover(client, pgdata).await;
+    let (config_list, mut config_missing) = stat_config_files(&discovered);
+    let total: u64 =
+        file_list.iter().map(|f| f.2).sum::<u64>() + config_list.iter().map(|f| f.1).sum::<u64>();
     let packs = plan_packs(
         &file_list
             .iter()
             .map(|f| (f.1.clone(), f.2))
+            .chain(config_list.iter().map(|f| (f.0.clone(), f.1)))
             .collect::<Vec<_>>(),
     );
     tracing::info!(
@@ -613,7 +619,7 @@ async fn copy_and_finish(
     }
 
     // Assemble the manifest from what was actually read.
-    let mut extents: Vec<Vec<Extent>> = vec![Vec::new(); file_list.len()];
+    let mut extents: Vec<Vec<Extent>> = vec![Vec::new(); file_list.len() + config_list.len()];
     let mut pack_entries = Vec::new();
     let mut stored_bytes = 0;
     for PackDone {
@@ -647,32 +653,12 @@ async fn copy_and_finish(
     pack_entries.sort_by_key(|p| p.id);
     let mut files_out = Vec::with_capacity(file_list.len());
     let mut original_bytes = 0;
-    for ((path, _, listed_size, mode), mut ext) in file_list.into_iter().zip(extents) {
-        ext.sort_by_key(|e| e.file_offset);
-        // A file that shrank while its pieces were read in parallel can leave a hole (a short
-        // piece followed by a full one read earlier). Keep the prefix up to the first hole:
-        // the file was that long at some moment of the backup, and WAL replay (from the
-        // backup's checkpoint, with full-page writes) rebuilds what follows. The manifest's
-        // extents then always cover 0..size exactly.
-        let mut end = 0;
-        let contiguous = ext
-            .iter()
-            .take_while(|e| {
-                let ok = e.file_offset == end;
-                end = e.file_offset + e.length;
-                ok
-            })
-            .count();
-        ext.truncate(contiguous);
-        if listed_size > 0 && ext.is_empty() {
+    let config_extents = extents.split_off(file_list.len());
+    for ((path, _, listed_size, mode), ext) in file_list.into_iter().zip(extents) {
+        let Some((size, ext)) = contiguous_prefix(ext, listed_size) else {
             continue; // vanished during the backup
-        }
-        let size = ext
-            .iter()
-            .map(|e| e.file_offset + e.length)
-            .max()
-            .unwrap_or(0);
-        original_bytes += ext.iter().map(|e| e.length).sum::<u64>();
+        };
+        original_bytes += size;
         files_out.push(FileEntry {
             path,
             size,
@@ -680,6 +666,51 @@ async fn copy_and_finish(
             extents: ext,
         });
     }
+    let mut config_files = Vec::new();
+    for ((source, listed_size, mode, role), ext) in config_list.into_iter().zip(config_extents) {
+        let Some((size, ext)) = contiguous_prefix(ext, listed_size) else {
+            config_missing.push(format!("{}: vanished during the backup", source.display()));
+            continue;
+        };
+        original_bytes += size;
+        config_files.push(ConfigFileEntry {
+            source: source.display().to_string(),
+            role: role.as_str().to_string(),
+            size,
+            mode,
+            extents: ext,
+        });
+    }
+    for m in &config_missing {
+        tracing::warn!("configuration not recorded: {m}");
+    }
+    let configuration = ServerConfiguration {
+        data_directory: discovered.data_directory.clone(),
+        config_file: discovered.config_file.clone(),
+        hba_file: discovered.hba_file.clone(),
+        ident_file: discovered.ident_file.clone(),
+        files: config_files,
+        directories: discovered
+            .dirs
+            .iter()
+            .map(|d| ConfigDirEntry {
+                source: d.display().to_string(),
+                mode: std::fs::metadata(d)
+                    .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
+                    .unwrap_or(0o755),
+            })
+            .collect(),
+        settings: discovered
+            .settings
+            .iter()
+            .map(|(name, value, source)| SettingEntry {
+                name: name.clone(),
+                value: value.clone(),
+                source: source.clone(),
+            })
+            .collect(),
+        missing: config_missing,
+    };
     let duration_ms = started.elapsed().as_millis() as u64;
     let manifest = BackupManifest {
         format: MANIFEST_FORMAT,
@@ -711,8 +742,69 @@ async fn copy_and_finish(
         stored_bytes,
         duration_ms,
         tidemark_version: env!("CARGO_PKG_VERSION").to_string(),
+        configuration: Some(configuration),
     };
     Ok(manifest)
+}
+
+/// The extents of a file as read, up to the first hole, and the size they cover; None when
+/// nothing of a non-empty file was read (it vanished).
+///
+/// A file that shrank while its pieces were read in parallel can leave a hole (a short piece
+/// followed by a full one read earlier). Keep the prefix up to the first hole: the file was
+/// that long at some moment of the backup, and WAL replay (from the backup's checkpoint, with
+/// full-page writes) rebuilds what follows. The manifest's extents then always cover 0..size
+/// exactly.
+fn contiguous_prefix(mut ext: Vec<Extent>, listed_size: u64) -> Option<(u64, Vec<Extent>)> {
+    ext.sort_by_key(|e| e.file_offset);
+    let mut end = 0;
+    let contiguous = ext
+        .iter()
+        .take_while(|e| {
+            let ok = e.file_offset == end;
+            end = e.file_offset + e.length;
+            ok
+        })
+        .count();
+    ext.truncate(contiguous);
+    if listed_size > 0 && ext.is_empty() {
+        return None;
+    }
+    let size = ext
+        .iter()
+        .map(|e| e.file_offset + e.length)
+        .max()
+        .unwrap_or(0);
+    Some((size, ext))
+}
+
+/// Size and mode of each discovered configuration file; what cannot be read is reported, not
+/// fatal (the data directory is the backup; its configuration is a convenience of restore).
+#[allow(clippy::type_complexity)]
+fn stat_config_files(
+    d: &pg::conffiles::Discovered,
+) -> (Vec<(PathBuf, u64, u32, pg::conffiles::Role)>, Vec<String>) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut files = Vec::new();
+    let mut missing = d.missing.clone();
+    for (p, role) in &d.files {
+        match std::fs::metadata(p) {
+            Ok(m) if !m.is_file() => missing.push(format!("{}: not a regular file", p.display())),
+            Ok(m) if m.len() > pg::conffiles::MAX_CONFIG_FILE => missing.push(format!(
+                "{}: {} bytes, too large for a configuration file",
+                p.display(),
+                m.len()
+            )),
+            // Readable by this process? The copy opens it later; an unreadable file would
+            // fail the whole backup there.
+            Ok(m) => match File::open(p) {
+                Ok(_) => files.push((p.clone(), m.len(), m.permissions().mode() & 0o7777, *role)),
+                Err(e) => missing.push(format!("{}: {e}", p.display())),
+            },
+            Err(e) => missing.push(format!("{}: {e}", p.display())),
+        }
+    }
+    (files, missing)
 }
 
 /// Writes the manifest, last: from then on the backup exists.

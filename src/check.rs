@@ -271,6 +271,9 @@ pub async fn check(cluster: &ClusterHandle, opts: &CheckOptions) -> CheckReport 
                         checks.push(r);
                     }
                 }
+                if let (Some(c), Some(pgdata)) = (&client, &cluster.config.pgdata) {
+                    checks.push(configuration_held(c, pgdata, &backups).await);
+                }
                 match cluster.repo.list_wal().await {
                     Err(e) => checks.push(crit("wal_gaps", e.to_string())),
                     Ok((files, strays)) => {
@@ -299,6 +302,33 @@ pub async fn check(cluster: &ClusterHandle, opts: &CheckOptions) -> CheckReport 
                     }
                 }
             }
+        }
+    }
+
+    // The newest drill.
+    if opts.catalog {
+        match crate::drill::history(cluster).await {
+            Ok(h) => match h.last() {
+                Some(d) if !d.ok => checks.push(warn(
+                    "drill",
+                    format!(
+                        "the newest drill {} ({}) failed: {}",
+                        d.id,
+                        d.started.format("%Y-%m-%d %H:%M:%S+00"),
+                        d.error.as_deref().unwrap_or("a check failed")
+                    ),
+                )),
+                Some(d) => checks.push(ok(
+                    "drill",
+                    format!(
+                        "the newest drill {} ({}) passed",
+                        d.id,
+                        d.started.format("%Y-%m-%d %H:%M:%S+00")
+                    ),
+                )),
+                None => {}
+            },
+            Err(e) => checks.push(warn("drill", format!("reading drill records: {e}"))),
         }
     }
 
@@ -334,6 +364,97 @@ pub async fn check(cluster: &ClusterHandle, opts: &CheckOptions) -> CheckReport 
         status,
         checks,
     }
+}
+
+/// Whether the newest backup holds the configuration the server reads from outside its data
+/// directory (Debian's /etc/postgresql/...): without it a restore cannot start as the cluster
+/// runs now.
+async fn configuration_held(
+    client: &tokio_postgres::Client,
+    pgdata: &std::path::Path,
+    backups: &[crate::repo::manifest::BackupManifest],
+) -> CheckResult {
+    let now = crate::pg::conffiles::discover(client, pgdata).await;
+    if now.config_file.is_empty() {
+        return warn(
+            "configuration",
+            now.missing
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "the server's configuration files cannot be read".into()),
+        );
+    }
+    let outside: Vec<String> = now
+        .files
+        .iter()
+        .filter(|(_, r)| *r != crate::pg::conffiles::Role::PgCtlcluster)
+        .map(|(p, _)| p.display().to_string())
+        .collect();
+    if outside.is_empty() {
+        return ok(
+            "configuration",
+            "the server's configuration is inside the data directory".into(),
+        );
+    }
+    let Some(newest) = backups.iter().max_by_key(|b| b.stop_time) else {
+        return warn(
+            "configuration",
+            format!(
+                "{} configuration file(s) outside the data directory ({}); no backup holds them yet",
+                outside.len(),
+                outside[0]
+            ),
+        );
+    };
+    let Some(conf) = &newest.configuration else {
+        return warn(
+            "configuration",
+            format!(
+                "the configuration lives outside the data directory ({}), and the newest backup {} \
+                 does not hold it (taken by an older tidemark): a restore would lack it until the next backup",
+                outside[0], newest.id
+            ),
+        );
+    };
+    let held: std::collections::BTreeSet<&str> =
+        conf.files.iter().map(|f| f.source.as_str()).collect();
+    let lacking: Vec<&String> = outside
+        .iter()
+        .filter(|p| !held.contains(p.as_str()))
+        .collect();
+    if !lacking.is_empty() {
+        return warn(
+            "configuration",
+            format!(
+                "{} configuration file(s) are not in the newest backup {} (new since it ran?): {}",
+                lacking.len(),
+                newest.id,
+                lacking
+                    .iter()
+                    .take(3)
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    }
+    if !conf.missing.is_empty() {
+        return warn(
+            "configuration",
+            format!(
+                "the newest backup {} could not record all of the configuration: {}",
+                newest.id, conf.missing[0]
+            ),
+        );
+    }
+    ok(
+        "configuration",
+        format!(
+            "{} configuration file(s) from outside the data directory are in the newest backup {}",
+            outside.len(),
+            newest.id
+        ),
+    )
 }
 
 fn round(d: Duration) -> Duration {

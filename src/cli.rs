@@ -146,7 +146,11 @@ checks the point reached against the target and the archive (a WAL gap that cuts
 fails the drill), runs pg_amcheck on every database and the [[clusters.NAME.drill.assert]] \
 queries, records the result in the repository (drills/), then stops the server and removes \
 everything — also on failure or interruption. Measures RTO (drill start to first accepted \
-query) and its parts. Exit 0 when every check passed, 14 otherwise.\n\n\
+query) and its parts. Exit 0 when every check passed, 14 otherwise. The configuration a \
+backup holds from outside the data directory (Debian's /etc/postgresql/...) is restored with \
+it; settings a private start cannot use are overridden and reported. A failed drill keeps its \
+server's log (the error names it, with the server's FATAL line): \
+<state_dir>/<cluster>/drills/<id>.log, and encrypted as drills/<id>.log in the repository.\n\n\
 --target latest (default) replays all archived WAL; random picks a uniformly random moment \
 inside the restorable window; a time ('2026-11-27 09:41:07+00') restores to it; backup \
 recovers the newest backup (or --backup) to the restore point where it counted the rows of \
@@ -267,6 +271,12 @@ ends before the target, unless --backup names one. A target outside the restorab
 With --start, PostgreSQL is started on the restored directory and tidemark waits until \
 recovery reached the target and the server accepts connections, then reports the time \
 restored to and how long it took.\n\n\
+Configuration kept outside the data directory (Debian's /etc/postgresql/VERSION/NAME) is in \
+the backup: it is restored into --pgdata (postgresql.conf, pg_hba.conf, conf.d/ ..., with \
+data_directory, hba_file, ident_file and includes rewritten to the restored copies), or into \
+--config-dir for pg_ctlcluster. Settings naming files this host lacks are reported; --start \
+overrides what a private start needs (ssl off without its certificate, its own socket and port, \
+no external_pid_file, logging_collector off) and says so.\n\n\
 Example: tidemark --cluster acme restore --pgdata /srv/restore --target-time '2026-11-27 09:41:07+00' --start --port 5433"
     )]
     Restore {
@@ -303,6 +313,11 @@ Example: tidemark --cluster acme restore --pgdata /srv/restore --target-time '20
         /// Replace the contents of a non-empty --pgdata (never a running cluster's)
         #[arg(long)]
         force: bool,
+        /// Write the server's configuration from outside the data directory here, Debian-style
+        /// (postgresql.conf with data_directory = --pgdata, pg_hba.conf, conf.d/, start.conf),
+        /// instead of into --pgdata; --start then runs the server with -c config_file=DIR/postgresql.conf
+        #[arg(long, value_name = "DIR")]
+        config_dir: Option<PathBuf>,
         /// Concurrent downloads [default: twice the cores, 2..8]
         #[arg(long, value_name = "N")]
         parallel: Option<usize>,
@@ -724,8 +739,18 @@ async fn run(cli: Cli) -> Result<(), Error> {
                         c.detail
                     ));
                 }
+                for o in &r.overrides {
+                    if o.starts_with("configuration:") {
+                        text.push_str(&format!("\nwarning: {o}"));
+                    } else {
+                        text.push_str(&format!("\nstarted with {o}"));
+                    }
+                }
                 if let Some(e) = &r.error {
                     text.push_str(&format!("\nreason: {e}"));
+                }
+                if let Some(l) = &r.server_log {
+                    text.push_str(&format!("\nserver log kept: {l}"));
                 }
                 println_out(&text)?;
             }
@@ -872,6 +897,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             backup,
             tablespace_map,
             force,
+            config_dir,
             parallel,
             archive_mode,
             owner,
@@ -938,11 +964,16 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 },
                 owner: owner.clone(),
                 config_path,
+                config_dir: config_dir
+                    .as_ref()
+                    .map(|d| std::path::absolute(d).unwrap_or(d.clone())),
                 start: start.then(|| restore::StartOptions {
                     pg_bin: pg_bin.clone(),
                     port: *port,
                     socket_dir: socket_dir.clone(),
                     timeout: *start_timeout,
+                    log_file: None,
+                    private: false,
                 }),
             };
             let out = restore::restore(&cluster, &opts).await?;
@@ -961,8 +992,32 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     .map(|t| t.to_string())
                     .unwrap_or_else(|| "?".into())
             );
+            let conf = &out.configuration;
+            if conf.held {
+                if !conf.placed.is_empty() {
+                    text.push_str(&format!(
+                        "\nconfiguration from outside the data directory: {} file(s) into {}",
+                        conf.placed.len(),
+                        conf.config_dir.as_deref().unwrap_or(&out.pgdata)
+                    ));
+                    for p in &conf.placed {
+                        text.push_str(&format!("\n  {} ({}) -> {}", p.source, p.role, p.path));
+                    }
+                }
+                for r in &conf.rewritten {
+                    text.push_str(&format!("\n  rewritten: {r}"));
+                }
+                for n in &conf.notes {
+                    text.push_str(&format!("\nnote: {n}"));
+                }
+            }
             for w in &out.warnings {
                 text.push_str(&format!("\nwarning: {w}"));
+            }
+            if let Some(s) = &out.started {
+                for o in &s.overrides {
+                    text.push_str(&format!("\nstarted with {o}"));
+                }
             }
             match &out.started {
                 Some(s) => text.push_str(&format!(
@@ -978,10 +1033,18 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     s.recovery_ms as f64 / 1000.0,
                     s.total_ms as f64 / 1000.0
                 )),
-                None => text.push_str(&format!(
-                    "\nstart it with: pg_ctl -D {} start (recovery.signal and the recovery settings are in place)",
-                    out.pgdata
-                )),
+                None => match &conf.config_dir {
+                    Some(d) => text.push_str(&format!(
+                        "\nstart it with: pg_ctl -D {} -o \"-c config_file={d}/postgresql.conf\" start, or with \
+                         pg_ctlcluster when {d} is /etc/postgresql/VERSION/NAME (recovery.signal and the recovery \
+                         settings are in place)",
+                        out.pgdata
+                    )),
+                    None => text.push_str(&format!(
+                        "\nstart it with: pg_ctl -D {} start (recovery.signal and the recovery settings are in place)",
+                        out.pgdata
+                    )),
+                },
             }
             println_out(&text)
         }
@@ -1138,7 +1201,7 @@ fn render_list(l: &tidemark::list::Listing) -> String {
     );
     if !l.backups.is_empty() {
         out.push_str(&format!(
-            "{:<20} {:>3} {:<22} {:<22} {:<12} {:<12} {:>10} {:>10} {:>8} {:>6}\n",
+            "{:<20} {:>3} {:<22} {:<22} {:<12} {:<12} {:>10} {:>10} {:>8} {:>6} {:>5}\n",
             "ID",
             "TLI",
             "START",
@@ -1148,12 +1211,13 @@ fn render_list(l: &tidemark::list::Listing) -> String {
             "ORIGINAL",
             "STORED",
             "SECONDS",
-            "PG"
+            "PG",
+            "CONF"
         ));
     }
     for b in &l.backups {
         out.push_str(&format!(
-            "{:<20} {:>3} {:<22} {:<22} {:<12} {:<12} {:>10} {:>10} {:>8.1} {:>6}{}\n",
+            "{:<20} {:>3} {:<22} {:<22} {:<12} {:<12} {:>10} {:>10} {:>8.1} {:>6} {:>5}{}\n",
             b.id,
             b.timeline,
             ts(&b.start_time),
@@ -1164,12 +1228,30 @@ fn render_list(l: &tidemark::list::Listing) -> String {
             human_bytes(b.stored_bytes),
             b.duration_ms as f64 / 1000.0,
             b.pg_version_num / 10000,
+            // Configuration files from outside the data directory held; "?": not recorded.
+            match &b.configuration {
+                None => "?".to_string(),
+                Some(c) if !c.missing.is_empty() => format!("{}!", c.captured.len()),
+                Some(c) => c.captured.len().to_string(),
+            },
             if b.range.restorable {
                 ""
             } else {
                 "  NOT RESTORABLE (WAL missing)"
             }
         ));
+    }
+    if l.backups.iter().any(|b| b.configuration.is_none()) {
+        out.push_str(
+            "CONF ?: the backup does not record the configuration kept outside the data directory\n",
+        );
+    }
+    if l.backups.iter().any(|b| {
+        b.configuration
+            .as_ref()
+            .is_some_and(|c| !c.missing.is_empty())
+    }) {
+        out.push_str("CONF N!: some configuration could not be recorded (list --json says what)\n");
     }
     out.push_str("restorable window:\n");
     if l.windows.is_empty() {

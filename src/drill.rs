@@ -68,7 +68,21 @@ pub struct DrillRecord {
     pub bytes_restored: Option<u64>,
     pub wal_segments_replayed: Option<u64>,
     pub checks: Vec<DrillCheck>,
+    /// A failed drill's server log, kept on the drill's host (size-capped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_log: Option<String>,
+    /// The same log in the repository, encrypted, beside the record (`drills/<id>.log`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_log_object: Option<String>,
+    /// Settings the drill's server got instead of its files' values, and configuration notes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<String>,
 }
+
+/// A kept server log holds at most its last this many bytes.
+const SERVER_LOG_CAP: usize = 1 << 20;
+/// Failed drills' logs kept per cluster on the host.
+const SERVER_LOGS_KEPT: usize = 20;
 
 fn random_u64() -> u64 {
     let mut b = [0u8; 8];
@@ -107,6 +121,9 @@ pub async fn drill(cluster: &ClusterHandle, opts: &DrillOptions) -> Result<Drill
         bytes_restored: None,
         wal_segments_replayed: None,
         checks: Vec::new(),
+        server_log: None,
+        server_log_object: None,
+        overrides: Vec::new(),
     };
     let outcome = {
         let run = run_drill(cluster, opts, &scratch, &socket_dir, &mut record, clock);
@@ -115,6 +132,15 @@ pub async fn drill(cluster: &ClusterHandle, opts: &DrillOptions) -> Result<Drill
             _ = shutdown_signal() => Err(Error::Recovery("drill interrupted".into())),
         }
     };
+    // The server's log lives in the scratch directory (the server's user can write there);
+    // a failed drill keeps it before the directory goes.
+    let scratch_log = scratch.join(SERVER_LOG);
+    let failed = outcome.is_err() || !record.checks.iter().all(|c| c.ok);
+    let kept_log = if failed {
+        keep_server_log(cluster, &id, &scratch_log)
+    } else {
+        None
+    };
     // Whatever happened: no server, no directory left behind.
     cleanup(&scratch, &socket_dir);
     record.finished = Utc::now();
@@ -122,7 +148,38 @@ pub async fn drill(cluster: &ClusterHandle, opts: &DrillOptions) -> Result<Drill
         Ok(()) => record.ok = record.checks.iter().all(|c| c.ok),
         Err(e) => {
             record.ok = false;
-            record.error = Some(e.to_string());
+            let mut msg = e.to_string();
+            // The error names the log where it was; name where it is now.
+            if let Some((path, _)) = &kept_log {
+                msg = msg.replace(
+                    &scratch_log.display().to_string(),
+                    &path.display().to_string(),
+                );
+            }
+            record.error = Some(msg);
+        }
+    }
+    if let Some((path, bytes)) = kept_log {
+        record.server_log = Some(path.display().to_string());
+        if let Ok(info) = cluster.repo.read_info().await
+            && let Ok(keyring) = cluster.keyring(&info).await
+        {
+            let name = format!("drills/{id}.log");
+            let obj = cluster.repo.object(&info, name.clone());
+            match crate::transfer::put(
+                cluster.repo.store(),
+                &obj,
+                &keyring,
+                cluster.encode,
+                std::io::Cursor::new(bytes),
+            )
+            .await
+            {
+                Ok(_) => record.server_log_object = Some(name),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the drill's server log was not stored in the repository")
+                }
+            }
         }
     }
     if record.error.is_none() && !record.ok {
@@ -242,11 +299,14 @@ async fn run_drill(
         archive_mode: ArchiveMode::Off,
         owner: None,
         config_path: opts.config_path.clone(),
+        config_dir: None,
         start: Some(StartOptions {
             pg_bin: opts.pg_bin.clone(),
             port: Some(5432),
             socket_dir: Some(socket_dir.to_path_buf()),
             timeout: opts.timeout,
+            log_file: Some(scratch.join(SERVER_LOG)),
+            private: true,
         }),
     };
     // Tablespaces go under the scratch directory too.
@@ -273,6 +333,13 @@ async fn run_drill(
     let started = out
         .started
         .ok_or_else(|| Error::Internal("restore did not start the server".into()))?;
+    record.overrides = started.overrides.clone();
+    record.overrides.extend(
+        out.warnings
+            .iter()
+            .filter(|w| w.starts_with("configuration:"))
+            .cloned(),
+    );
     record.recovery_ms = Some(started.recovery_ms);
     record.rto_ms = Some(clock.elapsed().as_millis() as u64);
     record.restored_to_time = started.restored_to_time;
@@ -601,6 +668,46 @@ fn as_owner(opts: &RestoreOptions, program: &Path) -> std::process::Command {
     }
 }
 
+/// The drill server's log, in the scratch directory (outside its data directory).
+const SERVER_LOG: &str = "server.log";
+
+/// Copies a failed drill's server log (its last SERVER_LOG_CAP bytes) to
+/// `<state_dir>/<cluster>/drills/<id>.log`, mode 0600, and prunes older ones. Returns the path
+/// and the bytes kept.
+fn keep_server_log(cluster: &ClusterHandle, id: &str, log: &Path) -> Option<(PathBuf, Vec<u8>)> {
+    let bytes = std::fs::read(log).ok()?;
+    let start = bytes.len().saturating_sub(SERVER_LOG_CAP);
+    let mut kept = Vec::new();
+    if start > 0 {
+        kept.extend_from_slice(
+            format!("[tidemark: the first {start} bytes of the log were dropped]\n").as_bytes(),
+        );
+    }
+    kept.extend_from_slice(&bytes[start..]);
+    let dir = cluster.state_dir.join(&cluster.name).join("drills");
+    let path = dir.join(format!("{id}.log"));
+    let written = crate::state::ensure_dir(&dir)
+        .and_then(|()| crate::state::write_atomic(&path, &kept, true));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "cannot keep the drill's server log");
+        return None;
+    }
+    // Only the newest failed drills' logs stay (ids sort by time).
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        let mut logs: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .collect();
+        logs.sort();
+        let excess = logs.len().saturating_sub(SERVER_LOGS_KEPT);
+        for old in &logs[..excess] {
+            let _ = std::fs::remove_file(old);
+        }
+    }
+    Some((path, kept))
+}
+
 /// Stops the drill's server (if it runs) and removes its directories. SIGQUIT is PostgreSQL's
 /// immediate shutdown (what `pg_ctl -m immediate` sends); a drill's copy needs no checkpoint.
 fn cleanup(scratch: &Path, socket_dir: &Path) {
@@ -631,6 +738,9 @@ pub async fn history(cluster: &ClusterHandle) -> Result<Vec<DrillRecord>, Error>
     let prefix = cluster.repo.key("drills/");
     let mut out = Vec::new();
     for m in cluster.repo.store().list(&prefix).await? {
+        if !m.key.ends_with(".json") {
+            continue; // a failed drill's server log
+        }
         let bytes = cluster.repo.store().get_bytes(&m.key, 1 << 20).await?;
         match serde_json::from_slice::<DrillRecord>(&bytes) {
             Ok(r) => out.push(r),

@@ -272,6 +272,7 @@ mod tests {
             stored_bytes: 0,
             duration_ms: 0,
             tidemark_version: String::new(),
+            configuration: None,
         }
     }
 

@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod repo;
 pub mod restore;
+pub mod restore_config;
 pub mod schedule;
 pub mod state;
 pub mod store;

@@ -24,6 +24,45 @@ pub struct BackupSummary {
     pub files: usize,
     /// What this backup can restore to on its newest reachable timeline.
     pub range: BackupRange,
+    /// The configuration from outside the data directory it holds; None: a backup by a
+    /// tidemark that did not record it.
+    pub configuration: Option<ConfigSummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigSummary {
+    pub config_file: String,
+    pub hba_file: String,
+    pub ident_file: String,
+    pub captured: Vec<CapturedFile>,
+    pub missing: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CapturedFile {
+    pub source: String,
+    pub role: String,
+    pub size: u64,
+}
+
+impl ConfigSummary {
+    pub fn of(c: &crate::repo::manifest::ServerConfiguration) -> ConfigSummary {
+        ConfigSummary {
+            config_file: c.config_file.clone(),
+            hba_file: c.hba_file.clone(),
+            ident_file: c.ident_file.clone(),
+            captured: c
+                .files
+                .iter()
+                .map(|f| CapturedFile {
+                    source: f.source.clone(),
+                    role: f.role.clone(),
+                    size: f.size,
+                })
+                .collect(),
+            missing: c.missing.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -73,6 +112,7 @@ pub async fn list(cluster: &ClusterHandle) -> Result<Listing, Error> {
                 pg_version_num: m.pg_version_num,
                 files: m.files.len(),
                 range,
+                configuration: m.configuration.as_ref().map(ConfigSummary::of),
             }
         })
         .collect();

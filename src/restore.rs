@@ -76,6 +76,9 @@ pub struct RestoreOptions {
     pub owner: Option<String>,
     /// Config file and binary the restore_command runs.
     pub config_path: PathBuf,
+    /// Where the server's configuration from outside the data directory goes (Debian-style
+    /// directory); None: into the restored data directory.
+    pub config_dir: Option<PathBuf>,
     pub start: Option<StartOptions>,
 }
 
@@ -85,6 +88,11 @@ pub struct StartOptions {
     pub port: Option<u16>,
     pub socket_dir: Option<PathBuf>,
     pub timeout: Duration,
+    /// The server's log (pg_ctl -l); None: `tidemark-restore-start.log` in the data directory.
+    pub log_file: Option<PathBuf>,
+    /// The socket directory is private to this start (a drill's): a missing pg_hba.conf may
+    /// then be replaced by one that trusts local connections.
+    pub private: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -98,6 +106,8 @@ pub struct RestoreOutcome {
     pub download_ms: u64,
     /// Filled when --start waited for the server.
     pub started: Option<StartOutcome>,
+    /// Where the server's configuration went and what this host lacks.
+    pub configuration: crate::restore_config::ConfigReport,
     pub warnings: Vec<String>,
 }
 
@@ -113,6 +123,10 @@ pub struct StartOutcome {
     pub socket_dir: String,
     /// The PostgreSQL binaries used (pg_ctl and friends).
     pub pg_bin: String,
+    /// Settings given to the server on its command line instead of its files' values, and why.
+    pub overrides: Vec<String>,
+    /// The server's log.
+    pub log_file: String,
 }
 
 impl RecoveryTarget {
@@ -365,8 +379,18 @@ async fn restore_from(
     audit::record(cluster, info, keyring, event).await;
 
     prepare_target(&opts.pgdata, opts.force)?;
+    if let Some(d) = &opts.config_dir {
+        prepare_config_dir(d, &opts.pgdata, opts.force)?;
+    }
     let mut result = restore_files(cluster, info, keyring, &backup, opts).await;
     let download_ms = started.elapsed().as_millis() as u64;
+    let mut configuration = crate::restore_config::ConfigReport::default();
+    if result.is_ok() {
+        match crate::restore_config::place(&backup, &opts.pgdata, opts.config_dir.as_deref()) {
+            Ok(r) => configuration = r,
+            Err(e) => result = Err(e),
+        }
+    }
     if result.is_ok() {
         result = write_recovery_config(cluster, &backup, timeline, opts).and(result);
     }
@@ -374,6 +398,14 @@ async fn restore_from(
         && let Some(owner) = effective_owner(opts)
     {
         result = chown_tree(&opts.pgdata, &owner, &backup, opts).and(result);
+        if let (Ok(_), Some(d)) = (&result, &opts.config_dir) {
+            result = user_ids(&owner)
+                .and_then(|(uid, gid)| {
+                    chown_all(d, uid, gid)
+                        .map_err(|e| Error::LocalIo(format!("chown {}: {e}", d.display())))
+                })
+                .and(result);
+        }
     }
     if result.is_ok() {
         // backup_label, recovery.signal and the settings must be as durable as the files:
@@ -382,6 +414,7 @@ async fn restore_from(
         if let Ok(map) = PathMap::new(&backup, opts) {
             roots.extend(map.tablespaces.values().cloned());
         }
+        roots.extend(opts.config_dir.iter().cloned());
         let synced =
             tokio::task::spawn_blocking(move || roots.iter().try_for_each(|r| sync_filesystem(r)))
                 .await
@@ -396,6 +429,9 @@ async fn restore_from(
         Err(e) => {
             // Never leave a half-restored directory (or tablespace) that could be started.
             clear_dir(&opts.pgdata);
+            if let Some(d) = &opts.config_dir {
+                clear_dir(d);
+            }
             if let Ok(map) = PathMap::new(&backup, opts) {
                 for t in map.tablespaces.values() {
                     clear_dir(t);
@@ -405,6 +441,19 @@ async fn restore_from(
         }
     };
     tracing::info!(backup = %backup.id, files, bytes, ms = download_ms, "files restored and verified");
+    let mut warnings = warnings;
+    for m in &configuration.missing {
+        tracing::warn!("configuration: {m}");
+        warnings.push(format!("configuration: {m}"));
+    }
+    if !configuration.held {
+        warnings.extend(
+            configuration
+                .notes
+                .iter()
+                .map(|n| format!("configuration: {n}")),
+        );
+    }
     let mut outcome = RestoreOutcome {
         backup: backup.id.clone(),
         pgdata: opts.pgdata.display().to_string(),
@@ -414,10 +463,11 @@ async fn restore_from(
         bytes,
         download_ms,
         started: None,
+        configuration,
         warnings,
     };
     if let Some(start) = &opts.start {
-        let s = start_and_wait(cluster, &backup, opts, start, started).await?;
+        let s = start_and_wait(cluster, &backup, opts, start, &mut outcome, started).await?;
         // PostgreSQL ends recovery quietly at the first WAL file restore_command cannot
         // deliver. With no target, everything archived must have been replayed.
         if opts.target == RecoveryTarget::Latest {
@@ -600,6 +650,37 @@ fn prepare_target(pgdata: &Path, force: bool) -> Result<(), Error> {
         .map_err(|e| Error::LocalIo(format!("{}: {e}", pgdata.display())))
 }
 
+/// `--config-dir` must be new or empty (or `--force`), and not inside the data directory.
+fn prepare_config_dir(dir: &Path, pgdata: &Path, force: bool) -> Result<(), Error> {
+    let abs = std::path::absolute(dir).unwrap_or(dir.to_path_buf());
+    let data = std::path::absolute(pgdata).unwrap_or(pgdata.to_path_buf());
+    if crate::pg::conffiles::is_within(&abs, &data) || crate::pg::conffiles::is_within(&data, &abs)
+    {
+        return Err(Error::Usage(format!(
+            "--config-dir {} and --pgdata {} must not contain each other",
+            dir.display(),
+            pgdata.display()
+        )));
+    }
+    match std::fs::read_dir(dir) {
+        Ok(mut rd) => {
+            if rd.next().is_some() {
+                if !force {
+                    return Err(Error::Usage(format!(
+                        "--config-dir {} is not empty: give a new or empty directory (or --force to replace its contents)",
+                        dir.display()
+                    )));
+                }
+                clear_dir(dir);
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir_all(dir)
+            .map_err(|e| Error::LocalIo(format!("{}: {e}", dir.display()))),
+        Err(e) => Err(Error::LocalIo(format!("{}: {e}", dir.display()))),
+    }
+}
+
 /// Removes the contents of a directory we restored into (not the directory itself).
 fn clear_dir(dir: &Path) {
     if let Ok(rd) = std::fs::read_dir(dir) {
@@ -734,6 +815,43 @@ async fn restore_files(
                 length: e.length,
                 sha256: e.sha256.clone(),
             });
+        }
+    }
+    // The configuration from outside the data directory: staged inside it, verified like
+    // every file, placed by restore_config afterwards.
+    if let Some(conf) = &backup.configuration {
+        let staging = opts.pgdata.join(crate::restore_config::STAGING);
+        if !conf.files.is_empty() {
+            std::fs::create_dir(&staging)
+                .map_err(|e| Error::LocalIo(format!("{}: {e}", staging.display())))?;
+        }
+        for (i, f) in conf.files.iter().enumerate() {
+            let p = crate::restore_config::staging_path(&opts.pgdata, i);
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&p)
+                .map_err(|e| Error::LocalIo(format!("{}: {e}", p.display())))?;
+            file.set_len(f.size)
+                .map_err(|e| Error::LocalIo(format!("{}: {e}", p.display())))?;
+            let covered: u64 = f.extents.iter().map(|e| e.length).sum();
+            if covered != f.size {
+                return Err(Error::Integrity(format!(
+                    "manifest of backup {}: extents of {} cover {covered} of {} bytes",
+                    backup.id, f.source, f.size
+                )));
+            }
+            for e in &f.extents {
+                total += e.length;
+                by_pack.entry(e.pack).or_default().push(ExtentTarget {
+                    manifest_path: f.source.clone(),
+                    path: p.clone(),
+                    pack_offset: e.pack_offset,
+                    file_offset: e.file_offset,
+                    length: e.length,
+                    sha256: e.sha256.clone(),
+                });
+            }
         }
     }
     tracing::debug!(
@@ -1109,21 +1227,24 @@ fn chown_tree(
     opts: &RestoreOptions,
 ) -> Result<(), Error> {
     let (uid, gid) = user_ids(owner)?;
-    fn walk(p: &Path, uid: u32, gid: u32) -> io::Result<()> {
-        std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;
-        let meta = std::fs::symlink_metadata(p)?;
-        if meta.is_dir() {
-            for e in std::fs::read_dir(p)? {
-                walk(&e?.path(), uid, gid)?;
-            }
-        }
-        Ok(())
-    }
-    walk(pgdata, uid, gid)
+    chown_all(pgdata, uid, gid)
         .map_err(|e| Error::LocalIo(format!("chown {}: {e}", pgdata.display())))?;
     let map = PathMap::new(backup, opts)?;
     for loc in map.tablespaces.values() {
-        walk(loc, uid, gid).map_err(|e| Error::LocalIo(format!("chown {}: {e}", loc.display())))?;
+        chown_all(loc, uid, gid)
+            .map_err(|e| Error::LocalIo(format!("chown {}: {e}", loc.display())))?;
+    }
+    Ok(())
+}
+
+/// lchown of a tree (symlinks themselves, never their targets).
+fn chown_all(p: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    std::os::unix::fs::lchown(p, Some(uid), Some(gid))?;
+    let meta = std::fs::symlink_metadata(p)?;
+    if meta.is_dir() {
+        for e in std::fs::read_dir(p)? {
+            chown_all(&e?.path(), uid, gid)?;
+        }
     }
     Ok(())
 }
@@ -1161,20 +1282,50 @@ async fn start_and_wait(
     backup: &BackupManifest,
     opts: &RestoreOptions,
     start: &StartOptions,
+    outcome: &mut RestoreOutcome,
     restore_started: Instant,
 ) -> Result<StartOutcome, Error> {
     let bin = find_pg_bin(start, backup)?;
-    let log = opts.pgdata.join("tidemark-restore-start.log");
-    let mut pg_opts = Vec::new();
-    if let Some(p) = start.port {
-        pg_opts.push(format!("-p {p}"));
+    let log = start
+        .log_file
+        .clone()
+        .unwrap_or_else(|| opts.pgdata.join("tidemark-restore-start.log"));
+    let config_file = outcome
+        .configuration
+        .config_file
+        .as_ref()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| opts.pgdata.join("postgresql.conf"));
+    let mut notes = placeholder_config(
+        &opts.pgdata,
+        &config_file,
+        start.private,
+        &effective_owner(opts),
+    )?;
+    let settings = crate::restore_config::start_settings(
+        &opts.pgdata,
+        &config_file,
+        backup.pg_version_num,
+        start.port,
+        start.socket_dir.as_deref(),
+    );
+    let mut args: Vec<String> = Vec::new();
+    // Like pg_ctlcluster: the data directory, and the configuration where it was put.
+    if config_file != opts.pgdata.join("postgresql.conf") {
+        args.push("-c".into());
+        args.push(shell_quote(&format!(
+            "config_file={}",
+            config_file.display()
+        )));
     }
-    if let Some(d) = &start.socket_dir {
-        pg_opts.push(format!(
-            "-c unix_socket_directories='{}' -c listen_addresses=''",
-            d.display()
-        ));
+    for (name, value) in &settings.options {
+        args.push("-c".into());
+        args.push(shell_quote(&format!("{name}={value}")));
     }
+    for o in &settings.overrides {
+        tracing::info!("start of the restored copy: {o}");
+    }
+    notes.extend(settings.overrides.iter().cloned());
     let owner = effective_owner(opts);
     let mut cmd = match &owner {
         Some(u) if is_root() => {
@@ -1189,8 +1340,8 @@ async fn start_and_wait(
         .arg("-l")
         .arg(&log)
         .arg("-W");
-    if !pg_opts.is_empty() {
-        cmd.arg("-o").arg(pg_opts.join(" "));
+    if !args.is_empty() {
+        cmd.arg("-o").arg(args.join(" "));
     }
     cmd.arg("start");
     let recovery_started = Instant::now();
@@ -1199,25 +1350,18 @@ async fn start_and_wait(
         .map_err(|e| Error::Recovery(format!("running pg_ctl: {e}")))?;
     if !out.status.success() {
         return Err(Error::Recovery(format!(
-            "pg_ctl start failed: {} {}",
+            "pg_ctl start failed: {} ({})",
             String::from_utf8_lossy(&out.stderr).trim(),
-            log_tail(&log)
+            log_reason(&log)
         )));
     }
     // Connection parameters: the user and database of the cluster's connection string, the
     // restored server's socket and port.
-    let conf = std::fs::read_to_string(opts.pgdata.join("postgresql.conf")).unwrap_or_default();
-    let port = start
-        .port
-        .or_else(|| conf_value(&conf, "port").and_then(|v| v.parse().ok()))
-        .unwrap_or(5432);
-    let socket_dir = start
-        .socket_dir
-        .clone()
-        .or_else(|| {
-            conf_value(&conf, "unix_socket_directories")
-                .map(|v| PathBuf::from(v.split(',').next().unwrap_or("").trim()))
-        })
+    let port = settings.port.unwrap_or(5432);
+    let socket_dir = settings
+        .socket_dirs
+        .first()
+        .cloned()
         .unwrap_or_else(|| PathBuf::from("/var/run/postgresql"));
     let (user, dbname) = user_and_db(cluster);
     let conninfo = format!(
@@ -1229,9 +1373,9 @@ async fn start_and_wait(
     loop {
         if Instant::now() > deadline {
             return Err(Error::Recovery(format!(
-                "the restored server did not finish recovery within {:?} {}",
+                "the restored server did not finish recovery within {:?} ({})",
                 start.timeout,
-                log_tail(&log)
+                log_reason(&log)
             )));
         }
         // pg_ctl -W returns before the postmaster writes its pid file: give it time to
@@ -1240,40 +1384,123 @@ async fn start_and_wait(
         seen_running |= running;
         if !running && (seen_running || recovery_started.elapsed() > Duration::from_secs(30)) {
             return Err(Error::Recovery(format!(
-                "the restored server stopped during recovery (target not reachable?) {}",
-                log_tail(&log)
+                "the restored server exited during recovery: {}",
+                log_reason(&log)
             )));
         }
-        if let Ok(client) = crate::pg::conn::connect(&conninfo).await
-            && let Ok(row) = client.query_one("select pg_is_in_recovery()", &[]).await
-        {
-            let in_recovery: bool = row.get(0);
-            if !in_recovery {
-                let row = client
-                    .query_one(
-                        "select pg_last_xact_replay_timestamp(), pg_last_wal_replay_lsn()::text, \
-                             (select timeline_id from pg_control_checkpoint())",
-                        &[],
-                    )
-                    .await
-                    .map_err(|e| Error::Postgres(e.to_string()))?;
-                let t: Option<DateTime<Utc>> = row.get(0);
-                let lsn: Option<String> = row.get(1);
-                let tli: Option<i32> = row.get(2);
-                return Ok(StartOutcome {
-                    restored_to_time: t,
-                    restored_to_lsn: lsn,
-                    timeline: tli.map(|t| t as u32),
-                    recovery_ms: recovery_started.elapsed().as_millis() as u64,
-                    total_ms: restore_started.elapsed().as_millis() as u64,
-                    port,
-                    socket_dir: socket_dir.display().to_string(),
-                    pg_bin: bin.display().to_string(),
-                });
+        match crate::pg::conn::connect(&conninfo).await {
+            Ok(client) => {
+                if let Ok(row) = client.query_one("select pg_is_in_recovery()", &[]).await {
+                    let in_recovery: bool = row.get(0);
+                    if !in_recovery {
+                        let row = client
+                            .query_one(
+                                "select pg_last_xact_replay_timestamp(), pg_last_wal_replay_lsn()::text, \
+                                     (select timeline_id from pg_control_checkpoint())",
+                                &[],
+                            )
+                            .await
+                            .map_err(|e| Error::Postgres(e.to_string()))?;
+                        let t: Option<DateTime<Utc>> = row.get(0);
+                        let lsn: Option<String> = row.get(1);
+                        let tli: Option<i32> = row.get(2);
+                        client.close().await;
+                        return Ok(StartOutcome {
+                            restored_to_time: t,
+                            restored_to_lsn: lsn,
+                            timeline: tli.map(|t| t as u32),
+                            recovery_ms: recovery_started.elapsed().as_millis() as u64,
+                            total_ms: restore_started.elapsed().as_millis() as u64,
+                            port,
+                            socket_dir: socket_dir.display().to_string(),
+                            pg_bin: bin.display().to_string(),
+                            overrides: notes,
+                            log_file: log.display().to_string(),
+                        });
+                    }
+                }
+                client.close().await;
             }
+            // The server is up and refuses us: waiting longer will not help.
+            Err(e) if refused(&e) => {
+                return Err(Error::Recovery(format!(
+                    "the restored server runs but refuses tidemark's connection as user {user}: {e} \
+                     (its pg_hba.conf is the backed-up one; the server keeps running at {})",
+                    opts.pgdata.display()
+                )));
+            }
+            Err(_) => {}
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A connection error that says the server is accepting connections but not ours.
+fn refused(e: &str) -> bool {
+    e.contains("no pg_hba.conf entry")
+        || e.contains("authentication failed")
+        || e.contains("Peer authentication")
+        || e.contains("password authentication")
+}
+
+/// For a start from a data directory without postgresql.conf or pg_hba.conf (a backup that
+/// does not record an outside configuration): minimal files, so the data can be proved. Each
+/// one is reported.
+fn placeholder_config(
+    pgdata: &Path,
+    config_file: &Path,
+    private: bool,
+    owner: &Option<String>,
+) -> Result<Vec<String>, Error> {
+    let io = |p: &Path, e: io::Error| Error::LocalIo(format!("{}: {e}", p.display()));
+    let mut notes = Vec::new();
+    let mut written = Vec::new();
+    if !config_file.exists() {
+        std::fs::write(
+            config_file,
+            "# tidemark: placeholder written by restore --start: the backup holds no postgresql.conf.\n\
+             # The server runs with PostgreSQL's defaults; put the cluster's own configuration here.\n",
+        )
+        .map_err(|e| io(config_file, e))?;
+        notes.push(format!(
+            "{}: written with defaults only (the backup holds no postgresql.conf)",
+            config_file.display()
+        ));
+        written.push(config_file.to_path_buf());
+    }
+    let g = crate::restore_config::effective_settings(pgdata, config_file);
+    let hba = g
+        .setting("hba_file")
+        .filter(|v| !v.is_empty())
+        .map(|v| crate::pg::conffiles::resolve(config_file, v))
+        .unwrap_or_else(|| pgdata.join("pg_hba.conf"));
+    if !hba.exists() && crate::pg::conffiles::is_within(&hba, pgdata) {
+        let rule = if private { "trust" } else { "peer" };
+        std::fs::write(
+            &hba,
+            format!(
+                "# tidemark: placeholder written by restore --start: the backup holds no pg_hba.conf.\n\
+                 local all all {rule}\n"
+            ),
+        )
+        .map_err(|e| io(&hba, e))?;
+        notes.push(format!(
+            "{}: written with one rule, `local all all {rule}` (the backup holds no pg_hba.conf)",
+            hba.display()
+        ));
+        written.push(hba);
+    }
+    if let (Some(u), true) = (owner, is_root()) {
+        let (uid, gid) = user_ids(u)?;
+        for p in &written {
+            std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|e| io(p, e))?;
+        }
+    }
+    for p in &written {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io(p, e))?;
+    }
+    Ok(notes)
 }
 
 /// Whether the postmaster of `pgdata` is alive (its pid file names a live process).
@@ -1309,26 +1536,12 @@ pub(crate) fn user_and_db(cluster: &ClusterHandle) -> (String, String) {
     (user, db)
 }
 
-fn conf_value(conf: &str, key: &str) -> Option<String> {
-    conf.lines()
-        .filter_map(|l| l.split('#').next())
-        .filter_map(|l| l.split_once('='))
-        .filter(|(k, _)| k.trim() == key)
-        .map(|(_, v)| v.trim().trim_matches('\'').to_string())
-        .next_back()
-}
-
-fn log_tail(log: &Path) -> String {
-    let s = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = s
-        .lines()
-        .filter(|l| l.contains("FATAL") || l.contains("ERROR") || l.contains("recovery"))
-        .collect();
-    let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
-    if tail.is_empty() {
-        format!("(see {})", log.display())
-    } else {
-        format!("(log {}: {tail})", log.display())
+/// Why the server did not come up, in its own words, and where its log is.
+fn log_reason(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    match crate::restore_config::server_failure(&text) {
+        Some(line) => format!("{line} (server log: {})", log.display()),
+        None => format!("the server log {} says no more", log.display()),
     }
 }
 
@@ -1342,15 +1555,5 @@ mod tests {
         assert!(parse_target_time("2026-11-27 09:41:07.123456+02:00").is_ok());
         assert!(parse_target_time("2026-11-27T09:41:07Z").is_ok());
         assert!(parse_target_time("2026-11-27 09:41:07").is_err());
-    }
-
-    #[test]
-    fn conf_values_last_wins() {
-        let c = "port = 5432\n#port = 1\nport=6000 # comment\nunix_socket_directories = '/tmp/x'\n";
-        assert_eq!(conf_value(c, "port").as_deref(), Some("6000"));
-        assert_eq!(
-            conf_value(c, "unix_socket_directories").as_deref(),
-            Some("/tmp/x")
-        );
     }
 }

@@ -35,6 +35,57 @@ pub struct BackupManifest {
     pub stored_bytes: u64,
     pub duration_ms: u64,
     pub tidemark_version: String,
+    /// The server's configuration outside the data directory (Debian's /etc/postgresql/...),
+    /// held in this backup's packs. None: taken by a tidemark that did not record it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configuration: Option<ServerConfiguration>,
+}
+
+/// What the server reads besides its data directory, as it was when the backup ran.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfiguration {
+    /// The server's own settings of these names (absolute paths; empty when not visible).
+    pub data_directory: String,
+    pub config_file: String,
+    pub hba_file: String,
+    pub ident_file: String,
+    /// Files outside the data directory, stored like any other file of the backup.
+    pub files: Vec<ConfigFileEntry>,
+    /// include_dir directories outside the data directory (recreated even when empty).
+    pub directories: Vec<ConfigDirEntry>,
+    /// Path-valued and other start-relevant settings as the server had them.
+    pub settings: Vec<SettingEntry>,
+    /// What could not be recorded, one line each.
+    pub missing: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFileEntry {
+    /// Absolute path on the backed-up host.
+    pub source: String,
+    /// config_file, hba_file, ident_file, include, hba_include or pg_ctlcluster.
+    pub role: String,
+    pub size: u64,
+    pub mode: u32,
+    pub extents: Vec<Extent>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigDirEntry {
+    pub source: String,
+    pub mode: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingEntry {
+    pub name: String,
+    pub value: String,
+    /// pg_settings.source: "configuration file", "command line", "default", ...
+    pub source: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
