@@ -6,41 +6,24 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use tidemark::cluster::ClusterHandle;
 use tidemark::config::{Config, DEFAULT_CONFIG_PATH};
-use tidemark::error::Error;
+use tidemark::error::{Error, Exit};
 use tidemark::pipeline::keys::generate_master_key_file;
 use tidemark::repo::walindex::WalSummary;
 use tidemark::state::{PushRecord, WalPushStats};
 
-const EXIT_CODES: &str = "\
-Exit codes:
-   0  success
-   1  not found (wal-fetch: the repository does not hold that file)
-      (wal-fetch exits 126 on any other failure, so PostgreSQL stops recovery rather than
-      ending it early and promoting a cluster that misses WAL)
-   2  usage or configuration error
-   3  key error (key file missing, not mode 0600, or the wrong key)
-   4  repository error (not initialised, another cluster's repository)
-   5  integrity error (object corrupted, truncated or tampered with)
-   6  store unavailable or failing after retries
-   7  conflict (a different file is already archived under that name)
-   8  PostgreSQL unreachable or failing
-   9  invalid input (not a WAL file, missing input file)
-  10  local I/O error
-  11  busy (another backup of this cluster is running)
-  12  WAL missing (a backup's WAL was not archived in time)
-  13  recovery refused or failed (target outside the restorable window, server did not reach it)
-  14  drill failed (a check failed; the reason is printed)
-  15  interrupted by SIGTERM/SIGINT (nothing half-done was kept)
-  16  audit log verification failed (a record was edited or removed)
-  70  internal error (a bug)
-
-Environment: TIDEMARK_CONFIG, TIDEMARK_CLUSTER, TIDEMARK_LOG (a tracing filter, e.g. debug).";
+/// `--help`'s closing text: the exit codes (from the one table, `Exit`) and the environment.
+fn after_help() -> String {
+    format!(
+        "{}\nEnvironment: TIDEMARK_CONFIG, TIDEMARK_CLUSTER, TIDEMARK_LOG (a tracing filter, e.g. debug).",
+        Exit::help_text()
+    )
+}
 
 /// PostgreSQL backup and point-in-time recovery: encrypted, compressed WAL archiving and base
 /// backups in a local directory or S3-compatible storage; restore to any moment of the
 /// restorable window; retention, health checks and restore drills.
 #[derive(Parser, Debug)]
-#[command(name = "tidemark", version, after_help = EXIT_CODES)]
+#[command(name = "tidemark", version, after_help = after_help())]
 struct Cli {
     /// Configuration file
     #[arg(long, global = true, env = "TIDEMARK_CONFIG", value_name = "FILE")]
@@ -384,7 +367,7 @@ enum KeyCommand {
 }
 
 /// wal-fetch's exit status for every failure but "not in the repository" (see main).
-const WAL_FETCH_FAILED: u8 = 126;
+const WAL_FETCH_FAILED: u8 = Exit::WalFetchFailed.code();
 
 pub fn main() -> ExitCode {
     tune_allocator();
@@ -404,7 +387,7 @@ pub fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tidemark: cannot start the runtime: {e}");
-            return ExitCode::from(70);
+            return ExitCode::from(Exit::Internal.code());
         }
     };
     let wal_fetch = matches!(cli.command, Command::WalFetch { .. });
@@ -414,7 +397,7 @@ pub fn main() -> ExitCode {
         Err(Error::NotFound(msg)) => {
             // Expected during recovery: PostgreSQL probes for files beyond the archive's end.
             tracing::debug!("{msg}");
-            ExitCode::from(1)
+            ExitCode::from(Exit::NotFound.code())
         }
         Err(e) if wal_fetch => {
             // PostgreSQL takes any exit status up to 125 from restore_command as "no more WAL"

@@ -1,27 +1,7 @@
 //! The error every command returns, and its documented exit code.
 //!
-//! Exit codes (also in `tidemark --help` and docs/operations.md):
-//!
-//! | code | meaning |
-//! |---|---|
-//! | 0 | success |
-//! | 1 | not found: wal-fetch was asked for a file the repository does not hold |
-//! | 2 | usage or configuration error |
-//! | 3 | key error: key file missing, unreadable, not mode 0600, or the wrong key |
-//! | 4 | repository error: not initialised, another cluster's repository, unsupported format |
-//! | 5 | integrity error: an object is corrupted, truncated or tampered with |
-//! | 6 | store unavailable or failing (retries exhausted); retrying later may succeed |
-//! | 7 | conflict: a different file is already archived under this name |
-//! | 8 | PostgreSQL unreachable or failing |
-//! | 9 | invalid input: not a WAL file, missing input file |
-//! | 10 | local I/O error (destination not writable, disk full) |
-//! | 11 | busy: another backup of this cluster is running |
-//! | 12 | WAL missing: the WAL a backup or restore needs is not (yet) in the repository |
-//! | 13 | recovery failed: the restored server did not reach the target |
-//! | 14 | drill failed: a check of a restore drill failed |
-//! | 15 | interrupted: stopped by SIGTERM or SIGINT; nothing half-done was kept |
-//! | 16 | audit log verification failed: a record was edited or removed |
-//! | 70 | internal error (a bug: please report it) |
+//! `Exit` is the one table of exit codes: `tidemark --help` prints it, the daemon compares its
+//! children's statuses with it, and a test checks docs/operations.md against it.
 
 use crate::config::ConfigError;
 use crate::pipeline::{CryptError, PipelineError};
@@ -72,27 +52,168 @@ pub enum Error {
     CheckStatus(u8),
 }
 
+/// An exit status of tidemark, with its name and one-line meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Exit {
+    Success,
+    NotFound,
+    Usage,
+    Key,
+    Repository,
+    Integrity,
+    Store,
+    Conflict,
+    Postgres,
+    InvalidInput,
+    LocalIo,
+    Busy,
+    WalMissing,
+    Recovery,
+    DrillFailed,
+    Interrupted,
+    AuditFailed,
+    Internal,
+    /// wal-fetch only: any failure but "not found".
+    WalFetchFailed,
+}
+
+impl Exit {
+    /// Every exit status, in the order `--help` and docs/operations.md list them.
+    pub const ALL: &'static [Exit] = &[
+        Exit::Success,
+        Exit::NotFound,
+        Exit::WalFetchFailed,
+        Exit::Usage,
+        Exit::Key,
+        Exit::Repository,
+        Exit::Integrity,
+        Exit::Store,
+        Exit::Conflict,
+        Exit::Postgres,
+        Exit::InvalidInput,
+        Exit::LocalIo,
+        Exit::Busy,
+        Exit::WalMissing,
+        Exit::Recovery,
+        Exit::DrillFailed,
+        Exit::Interrupted,
+        Exit::AuditFailed,
+        Exit::Internal,
+    ];
+
+    pub const fn code(self) -> u8 {
+        match self {
+            Exit::Success => 0,
+            Exit::NotFound => 1,
+            Exit::Usage => 2,
+            Exit::Key => 3,
+            Exit::Repository => 4,
+            Exit::Integrity => 5,
+            Exit::Store => 6,
+            Exit::Conflict => 7,
+            Exit::Postgres => 8,
+            Exit::InvalidInput => 9,
+            Exit::LocalIo => 10,
+            Exit::Busy => 11,
+            Exit::WalMissing => 12,
+            Exit::Recovery => 13,
+            Exit::DrillFailed => 14,
+            Exit::Interrupted => 15,
+            Exit::AuditFailed => 16,
+            Exit::Internal => 70,
+            Exit::WalFetchFailed => 126,
+        }
+    }
+
+    pub fn from_code(code: i32) -> Option<Exit> {
+        Exit::ALL
+            .iter()
+            .copied()
+            .find(|e| i32::from(e.code()) == code)
+    }
+
+    /// What the status means, in one line (also the second column of docs/operations.md's
+    /// table).
+    pub const fn meaning(self) -> &'static str {
+        match self {
+            Exit::Success => "success",
+            Exit::NotFound => "not found (wal-fetch: the repository does not hold that file)",
+            Exit::WalFetchFailed => {
+                "wal-fetch only: any failure other than \"not found\", so PostgreSQL stops recovery \
+                 rather than ending it early and promoting a cluster that misses WAL"
+            }
+            Exit::Usage => "usage or configuration error",
+            Exit::Key => {
+                "key error (key file missing, unreadable, not mode 0600, or the wrong key)"
+            }
+            Exit::Repository => {
+                "repository error (not initialised, another cluster's repository, unsupported format)"
+            }
+            Exit::Integrity => {
+                "integrity error (an object is corrupted, truncated or tampered with)"
+            }
+            Exit::Store => "store unavailable or failing after retries",
+            Exit::Conflict => "conflict (a different file is already archived under that name)",
+            Exit::Postgres => "PostgreSQL unreachable or failing",
+            Exit::InvalidInput => "invalid input (not a WAL file, missing input file)",
+            Exit::LocalIo => "local I/O error (destination not writable, disk full)",
+            Exit::Busy => {
+                "busy (another backup of this cluster is running, or another daemon uses the state directory)"
+            }
+            Exit::WalMissing => {
+                "WAL missing (the WAL a backup or restore needs is not in the repository in time)"
+            }
+            Exit::Recovery => {
+                "recovery refused or failed (target outside the restorable window, the server did not reach it)"
+            }
+            Exit::DrillFailed => {
+                "drill failed (a check of a restore drill failed; the reason is printed)"
+            }
+            Exit::Interrupted => "interrupted by SIGTERM/SIGINT (nothing half-done was kept)",
+            Exit::AuditFailed => "audit log verification failed (a record was edited or removed)",
+            Exit::Internal => "internal error (a bug: please report it)",
+        }
+    }
+
+    /// The list `tidemark --help` prints.
+    pub fn help_text() -> String {
+        let mut s = String::from("Exit codes:\n");
+        for e in Exit::ALL {
+            s.push_str(&format!("  {:>3}  {}\n", e.code(), e.meaning()));
+        }
+        s
+    }
+}
+
 impl Error {
+    pub fn exit(&self) -> Exit {
+        match self {
+            Error::NotFound(_) => Exit::NotFound,
+            Error::Usage(_) | Error::Config(_) => Exit::Usage,
+            Error::Key(_) => Exit::Key,
+            Error::Repository(_) => Exit::Repository,
+            Error::Integrity(_) => Exit::Integrity,
+            Error::Store(_) => Exit::Store,
+            Error::Conflict(_) => Exit::Conflict,
+            Error::Postgres(_) => Exit::Postgres,
+            Error::InvalidInput(_) => Exit::InvalidInput,
+            Error::LocalIo(_) => Exit::LocalIo,
+            Error::Busy(_) => Exit::Busy,
+            Error::Wal(_) => Exit::WalMissing,
+            Error::Recovery(_) => Exit::Recovery,
+            Error::Internal(_) => Exit::Internal,
+            // check's Nagios status is its own (0/1/2), printed with the report.
+            Error::CheckStatus(_) => Exit::Usage,
+            Error::DrillFailed(_) => Exit::DrillFailed,
+            Error::Interrupted(_) => Exit::Interrupted,
+            Error::AuditFailed(_) => Exit::AuditFailed,
+        }
+    }
+
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::NotFound(_) => 1,
-            Error::Usage(_) | Error::Config(_) => 2,
-            Error::Key(_) => 3,
-            Error::Repository(_) => 4,
-            Error::Integrity(_) => 5,
-            Error::Store(_) => 6,
-            Error::Conflict(_) => 7,
-            Error::Postgres(_) => 8,
-            Error::InvalidInput(_) => 9,
-            Error::LocalIo(_) => 10,
-            Error::Busy(_) => 11,
-            Error::Wal(_) => 12,
-            Error::Recovery(_) => 13,
-            Error::Internal(_) => 70,
             Error::CheckStatus(c) => *c,
-            Error::DrillFailed(_) => 14,
-            Error::Interrupted(_) => 15,
-            Error::AuditFailed(_) => 16,
+            e => e.exit().code(),
         }
     }
 }
@@ -137,5 +258,45 @@ impl From<TransferError> for Error {
                 Error::LocalIo(format!("writing output: {io}"))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_are_unique_and_listed() {
+        let mut seen = std::collections::HashSet::new();
+        for e in Exit::ALL {
+            assert!(seen.insert(e.code()), "{e:?} reuses {}", e.code());
+            assert_eq!(Exit::from_code(i32::from(e.code())), Some(*e));
+        }
+        assert_eq!(Exit::ALL.len(), 19);
+    }
+
+    /// docs/operations.md's table is the same list, in the same order, with the same words.
+    #[test]
+    fn operations_md_matches_the_table() {
+        let doc = include_str!("../docs/operations.md");
+        let section = doc
+            .split("## Exit codes")
+            .nth(1)
+            .expect("docs/operations.md has an Exit codes section");
+        let rows: Vec<(String, String)> = section
+            .lines()
+            .skip_while(|l| !l.starts_with("|---"))
+            .skip(1)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                (cells[1].to_string(), cells[2].to_string())
+            })
+            .collect();
+        let want: Vec<(String, String)> = Exit::ALL
+            .iter()
+            .map(|e| (e.code().to_string(), e.meaning().to_string()))
+            .collect();
+        assert_eq!(rows, want);
     }
 }

@@ -39,7 +39,7 @@ use crate::audit::{self, Event, Outcome};
 use crate::check::{self, CheckOptions, CheckReport, Status};
 use crate::cluster::ClusterHandle;
 use crate::config::{Config, ResolvedSchedule};
-use crate::error::Error;
+use crate::error::{Error, Exit};
 use crate::state::{FileLock, WalPushStats, ensure_dir, write_atomic};
 use crate::store::{self, Store, StoreOptions};
 use alerts::{AlertKey, Alerter, Condition, STORE_CLUSTER, STORE_EVENT, Severity};
@@ -887,7 +887,7 @@ impl Daemon {
             };
             match stats.failing_since() {
                 Some(t) => {
-                    let store_caused = stats.last_error_code == Some(6);
+                    let store_caused = stats.last_error_code == Some(Exit::Store.code());
                     if store_caused && !self.alerter.is_firing(&key) && !self.probe_running {
                         // Find out at once whether the store is the cause.
                         self.start_probe();
@@ -1144,7 +1144,7 @@ impl Daemon {
                     "catalog_failed",
                     Severity::Critical,
                     format!("the backups and the WAL archive cannot be read (exit {code}): {e}"),
-                    code == 6,
+                    code == i32::from(Exit::Store.code()),
                 );
                 return;
             }
@@ -1256,7 +1256,7 @@ impl Daemon {
             return;
         };
         rt.set_busy(r.kind, false);
-        let store_caused = r.code == 6;
+        let store_caused = r.code == i32::from(Exit::Store.code());
         let error = r.error.clone().unwrap_or_default();
         match r.kind {
             JobKind::Backup => {
@@ -1290,7 +1290,7 @@ impl Daemon {
                     if expire_after && !drilling && !self.stopping.is_cancelled() {
                         self.start_job(&cluster, JobKind::Expire, Vec::new());
                     }
-                } else if r.code == 11 {
+                } else if r.code == i32::from(Exit::Busy.code()) {
                     // Another process (an operator's backup, another host) holds the cluster's
                     // lock: no alert, try again after retry_backoff (never past the next
                     // scheduled run) unless a backup has completed by then. The catalog is
@@ -1309,7 +1309,7 @@ impl Daemon {
                         None => "the next scheduled run comes first",
                     };
                     tracing::warn!(cluster = %cluster, "backup held off ({when}): {error}");
-                } else if r.cancelled || r.code == 15 {
+                } else if r.cancelled || r.code == i32::from(Exit::Interrupted.code()) {
                     tracing::info!(cluster = %cluster, "backup stopped for the shutdown; nothing of it was kept");
                 } else {
                     // Retry with backoff, never past the next scheduled run.
