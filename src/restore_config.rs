@@ -149,7 +149,7 @@ impl Layout {
         if let Some(p) = self.files.get(orig).or_else(|| self.dirs.get(orig)) {
             return Some(p.clone());
         }
-        // Inside a captured include_dir (a file that was not there at backup time is not ours).
+        // Inside the original data directory: restored with the data files.
         if let Some(d) = &self.orig_data
             && let Ok(rel) = orig.strip_prefix(d)
         {
