@@ -1382,7 +1382,19 @@ async fn start_and_wait(
         // appear, then treat its disappearance as the server having exited.
         let running = postmaster_running(&opts.pgdata);
         seen_running |= running;
-        if !running && (seen_running || recovery_started.elapsed() > Duration::from_secs(30)) {
+        // A server that fails its start (a configuration error) exits before it writes its
+        // pid file: its FATAL line in the log says so at once.
+        let failed_early = !running
+            && recovery_started.elapsed() > Duration::from_millis(500)
+            && std::fs::read_to_string(&log)
+                .ok()
+                .and_then(|t| crate::restore_config::server_failure(&t))
+                .is_some();
+        if !running
+            && (seen_running
+                || failed_early
+                || recovery_started.elapsed() > Duration::from_secs(30))
+        {
             return Err(Error::Recovery(format!(
                 "the restored server exited during recovery: {}",
                 log_reason(&log)

@@ -1036,3 +1036,550 @@ pub async fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> O
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Clusters whose configuration lives outside the data directory (issue 10).
+// ---------------------------------------------------------------------------------------------
+
+/// A port for a test server (only names a socket file: test servers never listen on TCP).
+pub fn next_port() -> u16 {
+    20000 + (std::process::id() % 20000) as u16 + PORT.fetch_add(1, Ordering::SeqCst) as u16
+}
+
+/// A random-enough marker value (pid, time and a counter): tells one test's cluster apart from
+/// anything else on the host.
+pub fn random_marker() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let n = SEQ.fetch_add(1, Ordering::SeqCst);
+    format!(
+        "m{:x}{:x}{n}",
+        (nanos as u64) ^ 0x9e37_79b9_7f4a_7c15,
+        std::process::id()
+    )
+}
+
+/// Writes `text` to `path` (creating parent directories) and gives both to the test user.
+pub fn write_user_file(path: &Path, text: &str) {
+    if let Some(parent) = path.parent()
+        && !parent.exists()
+    {
+        std::fs::create_dir_all(parent).unwrap();
+        chown_to_user(parent);
+    }
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    chown_to_user(path);
+}
+
+fn append_file(path: &Path, text: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+}
+
+fn mkdir_user(path: &Path) {
+    std::fs::create_dir_all(path).unwrap();
+    chown_to_user(path);
+}
+
+fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// How an externally configured cluster is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtKind {
+    /// initdb, then the configuration files moved to `<testdir>/etc/<name>/` (any version).
+    Initdb,
+    /// Debian's pg_createcluster with `PG_CLUSTER_CONF_ROOT=<testdir>/etc`, started with
+    /// pg_ctlcluster (needs postgresql-common, root, and Debian's PostgreSQL as `pg_bin()`).
+    PgCreateCluster,
+}
+
+/// The PostgreSQL major version of `pg_bin()` when it is Debian's
+/// (`/usr/lib/postgresql/<V>/bin`) and pg_createcluster/pg_ctlcluster can run here (as root);
+/// otherwise why not.
+pub fn pg_createcluster_version() -> Result<String, String> {
+    for tool in ["/usr/bin/pg_createcluster", "/usr/bin/pg_ctlcluster"] {
+        if !Path::new(tool).exists() {
+            return Err(format!("{tool} is not installed (postgresql-common)"));
+        }
+    }
+    if pg_user().is_none() {
+        return Err("pg_createcluster clusters need the tests to run as root".into());
+    }
+    let bin = pg_bin();
+    let v = bin
+        .strip_prefix("/usr/lib/postgresql")
+        .ok()
+        .and_then(|rest| {
+            let mut c = rest.components();
+            let v = c.next()?.as_os_str().to_str()?.to_string();
+            (c.next()?.as_os_str() == "bin" && c.next().is_none()).then_some(v)
+        })
+        .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit()));
+    v.ok_or_else(|| {
+        format!(
+            "the PostgreSQL under test ({}) is not Debian's /usr/lib/postgresql/<V>/bin",
+            bin.display()
+        )
+    })
+}
+
+/// What `ExtPg::create` sets up besides the defaults.
+#[derive(Default)]
+pub struct ExtOptions<'a> {
+    /// archive_command (in conf.d/60-tidemark-test.conf); None leaves archiving off.
+    pub archive_command: Option<String>,
+    /// Initdb layout: ssl = on with a test certificate and key in `<testdir>/ssl/` (outside
+    /// the data directory). pg_createcluster clusters get Debian's own ssl setup (snakeoil).
+    pub ssl: bool,
+    /// logging_collector = on, log_directory = `<testdir>/pglog-<name>` (outside the data
+    /// directory).
+    pub logging_collector: bool,
+    /// Extra lines for conf.d/60-tidemark-test.conf.
+    pub extra_conf: &'a str,
+}
+
+/// pg_ctlcluster's identity of a pg_createcluster cluster.
+#[derive(Debug, Clone)]
+pub struct DebianCluster {
+    pub version: String,
+    pub name: String,
+    /// PG_CLUSTER_CONF_ROOT (`<testdir>/etc`); the cluster's config is `<root>/<V>/<name>/`.
+    pub conf_root: PathBuf,
+}
+
+impl DebianCluster {
+    pub fn conf_dir(&self) -> PathBuf {
+        self.conf_root.join(&self.version).join(&self.name)
+    }
+
+    /// `pg_ctlcluster --skip-systemctl-redirect V NAME <args>` with this PG_CLUSTER_CONF_ROOT
+    /// (run as root: pg_ctlcluster switches to the cluster owner itself).
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new("pg_ctlcluster")
+            .env("PG_CLUSTER_CONF_ROOT", &self.conf_root)
+            .arg("--skip-systemctl-redirect")
+            .arg(&self.version)
+            .arg(&self.name)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pg_ctlcluster")
+    }
+}
+
+/// Stops a pg_createcluster cluster (immediate) on drop, also when the test panicked.
+pub struct DebianGuard(pub DebianCluster);
+
+impl Drop for DebianGuard {
+    fn drop(&mut self) {
+        let _ = self.0.ctl(&["stop", "-m", "immediate"]);
+    }
+}
+
+/// A cluster configured the Debian way: the data directory holds no postgresql.conf,
+/// pg_hba.conf or pg_ident.conf; the server starts with `-c config_file=<conf_dir>/postgresql.conf`,
+/// which sets data_directory, hba_file, ident_file, external_pid_file, unix_socket_directories,
+/// `include '<testdir>/shared/common.conf'` (outside the config directory) and
+/// `include_dir = 'conf.d'`. conf.d/50-marker.conf sets `tidemark_test.marker`, the shared
+/// include `tidemark_test.shared`, and pg_hba.conf has a rule for the database
+/// `tidemark_marker_db`. Stopped (immediate) on drop; derefs to the `PgCluster` (data, socket,
+/// port, client, switch_wal, wait_archived, ...), whose own pg_ctl start must not be used.
+pub struct ExtPg {
+    /// Declared first: stops the pg_createcluster cluster through pg_ctlcluster before the
+    /// `PgCluster`'s own drop (pg_ctl -D data stop) runs as a fallback.
+    pub debian: Option<DebianGuard>,
+    pub pg: PgCluster,
+    pub kind: ExtKind,
+    pub name: String,
+    /// The directory of postgresql.conf.
+    pub conf_dir: PathBuf,
+    pub config_file: PathBuf,
+    pub hba_file: PathBuf,
+    pub ident_file: PathBuf,
+    /// The file included from postgresql.conf from outside `conf_dir`.
+    pub shared_include: PathBuf,
+    /// conf.d/50-marker.conf.
+    pub marker_file: PathBuf,
+    pub external_pid_file: PathBuf,
+    /// `tidemark_test.marker`; `tidemark_test.shared` is `<marker>-shared`.
+    pub marker: String,
+    /// (certificate, key) outside the data directory, when the cluster runs with ssl = on.
+    pub ssl_files: Option<(PathBuf, PathBuf)>,
+    /// log_directory of the logging collector, when it is on.
+    pub log_directory: Option<PathBuf>,
+}
+
+impl std::ops::Deref for ExtPg {
+    type Target = PgCluster;
+    fn deref(&self) -> &PgCluster {
+        &self.pg
+    }
+}
+
+pub const MARKER_DB: &str = "tidemark_marker_db";
+
+impl ExtPg {
+    /// Makes (not starts) an externally configured cluster `name` in `dir`. None (with a note
+    /// on stderr) when `kind` is PgCreateCluster and that cannot run here.
+    pub fn create(dir: &TestDir, name: &str, kind: ExtKind, opts: ExtOptions<'_>) -> Option<ExtPg> {
+        let run = dir.join("run");
+        mkdir_user(&run);
+        let sock = dir.join("sock");
+        mkdir_user(&sock);
+        let data = dir.join(&format!("{name}-data"));
+        let log = dir.join(&format!("{name}.log"));
+        let port = next_port();
+        let bin = pg_bin();
+        let marker = random_marker();
+
+        let (conf_dir, debian, pid_name) = match kind {
+            ExtKind::Initdb => {
+                let out = as_user(bin.join("initdb"))
+                    .args([
+                        "--no-locale",
+                        "-E",
+                        "UTF8",
+                        "-A",
+                        "trust",
+                        "-U",
+                        "postgres",
+                        "-D",
+                    ])
+                    .arg(&data)
+                    .output()
+                    .expect("run initdb");
+                assert!(out.status.success(), "initdb: {}", output_text(&out));
+                let conf_dir = dir.join(&format!("etc/{name}"));
+                mkdir_user(&dir.join("etc"));
+                mkdir_user(&conf_dir);
+                for f in ["postgresql.conf", "pg_hba.conf", "pg_ident.conf"] {
+                    std::fs::rename(data.join(f), conf_dir.join(f)).unwrap();
+                }
+                (conf_dir, None, format!("{name}.pid"))
+            }
+            ExtKind::PgCreateCluster => {
+                let version = match pg_createcluster_version() {
+                    Ok(v) => v,
+                    Err(why) => {
+                        eprintln!("note: pg_createcluster test skipped: {why}");
+                        return None;
+                    }
+                };
+                let user = pg_user().unwrap();
+                let conf_root = dir.join("etc");
+                mkdir_user(&conf_root);
+                let out = Command::new("pg_createcluster")
+                    .env("PG_CLUSTER_CONF_ROOT", &conf_root)
+                    .args(["-u", &user, &version, name, "-d"])
+                    .arg(&data)
+                    .arg("-s")
+                    .arg(&sock)
+                    .args(["-p", &port.to_string(), "-l"])
+                    .arg(&log)
+                    .args([
+                        "--",
+                        "--no-locale",
+                        "-E",
+                        "UTF8",
+                        "-A",
+                        "trust",
+                        "-U",
+                        "postgres",
+                    ])
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("run pg_createcluster");
+                assert!(
+                    out.status.success(),
+                    "pg_createcluster: {}",
+                    output_text(&out)
+                );
+                let d = DebianCluster {
+                    version: version.clone(),
+                    name: name.to_string(),
+                    conf_root,
+                };
+                (
+                    d.conf_dir(),
+                    Some(DebianGuard(d)),
+                    format!("{version}-{name}.pid"),
+                )
+            }
+        };
+        let config_file = conf_dir.join("postgresql.conf");
+        let external_pid_file = run.join(pid_name);
+        let shared_include = dir.join("shared/common.conf");
+        write_user_file(
+            &shared_include,
+            &format!(
+                "# included from outside the config directory\ntidemark_test.shared = '{marker}-shared'\n"
+            ),
+        );
+
+        // postgresql.conf: what Debian's has (pg_createcluster already wrote data_directory,
+        // hba_file, ident_file, port, unix_socket_directories, ssl and include_dir).
+        let mut conf =
+            String::from("\n# --- tidemark test: configuration outside the data directory ---\n");
+        // Never TCP (Debian's default is localhost); the pid file where pg_ctlcluster would
+        // otherwise put one (/var/run/postgresql) is the test's.
+        conf.push_str(&format!(
+            "listen_addresses = ''\nexternal_pid_file = '{}'\ninclude '{}'\n",
+            external_pid_file.display(),
+            shared_include.display()
+        ));
+        let mut ssl_files = None;
+        if kind == ExtKind::Initdb {
+            conf.push_str(&format!(
+                "data_directory = '{}'\nhba_file = '{}'\nident_file = '{}'\nport = {port}\nunix_socket_directories = '{}'\n",
+                data.display(),
+                conf_dir.join("pg_hba.conf").display(),
+                conf_dir.join("pg_ident.conf").display(),
+                sock.display()
+            ));
+            if opts.ssl {
+                let ssl = dir.join("ssl");
+                mkdir_user(&ssl);
+                make_ca(&ssl, "ca");
+                make_server_cert(&ssl, "ca");
+                let (crt, key) = (ssl.join("server.crt"), ssl.join("server.key"));
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+                chown_to_user(&crt);
+                chown_to_user(&key);
+                conf.push_str(&format!(
+                    "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+                    crt.display(),
+                    key.display()
+                ));
+                ssl_files = Some((crt, key));
+            }
+            conf.push_str("include_dir = 'conf.d'\n");
+        }
+        append_file(&config_file, &conf);
+        let conf_d = conf_dir.join("conf.d");
+        mkdir_user(&conf_d);
+        let marker_file = conf_d.join("50-marker.conf");
+        write_user_file(
+            &marker_file,
+            &format!("# tidemark test marker\ntidemark_test.marker = '{marker}'\n"),
+        );
+        let mut test_conf = String::from(
+            "wal_keep_size = '4GB'\nmax_wal_size = '4GB'\nfsync = on\nlog_min_messages = info\n",
+        );
+        if let Some(cmd) = &opts.archive_command {
+            test_conf.push_str(&format!(
+                "archive_mode = on\narchive_command = '{}'\n",
+                cmd.replace('\'', "''")
+            ));
+        }
+        let mut log_directory = None;
+        if opts.logging_collector {
+            let d = dir.join(&format!("pglog-{name}"));
+            mkdir_user(&d);
+            test_conf.push_str(&format!(
+                "logging_collector = on\nlog_directory = '{}'\n",
+                d.display()
+            ));
+            log_directory = Some(d);
+        }
+        test_conf.push_str(opts.extra_conf);
+        write_user_file(&conf_d.join("60-tidemark-test.conf"), &test_conf);
+        let hba_file = conf_dir.join("pg_hba.conf");
+        append_file(
+            &hba_file,
+            &format!("host {MARKER_DB} all 192.0.2.0/24 reject\n"),
+        );
+        // Like Debian: nothing of the configuration in the data directory.
+        for f in ["postgresql.conf", "pg_hba.conf", "pg_ident.conf"] {
+            assert!(
+                !data.join(f).exists(),
+                "{f} is still in the data directory {}",
+                data.display()
+            );
+        }
+        Some(ExtPg {
+            debian,
+            pg: PgCluster {
+                data,
+                socket_dir: sock,
+                port,
+                bin,
+                log,
+            },
+            kind,
+            name: name.to_string(),
+            ident_file: conf_dir.join("pg_ident.conf"),
+            hba_file,
+            config_file,
+            conf_dir,
+            shared_include,
+            marker_file,
+            external_pid_file,
+            marker,
+            ssl_files,
+            log_directory,
+        })
+    }
+
+    /// Starts the server: `pg_ctl -D DATA -l LOG -o "-c config_file=..." start` as the user,
+    /// or pg_ctlcluster for a pg_createcluster cluster.
+    pub fn start(&self) {
+        let out = match &self.debian {
+            Some(d) => d.0.ctl(&["start"]),
+            None => as_user(self.bin.join("pg_ctl"))
+                .args(["-w", "-t", "60", "-D"])
+                .arg(&self.data)
+                .arg("-l")
+                .arg(&self.log)
+                .arg("-o")
+                .arg(format!("-c config_file={}", self.config_file.display()))
+                .arg("start")
+                .stdin(Stdio::null())
+                .output()
+                .expect("pg_ctl start"),
+        };
+        assert!(
+            out.status.success(),
+            "starting {}: {}\n{}",
+            self.name,
+            output_text(&out),
+            tail(&self.log, 30)
+        );
+    }
+
+    /// Stops the server (fast).
+    pub fn stop(&self) {
+        match &self.debian {
+            Some(d) => {
+                let _ = d.0.ctl(&["stop", "-m", "fast"]);
+            }
+            None => self.pg.stop(),
+        }
+    }
+
+    /// The postmaster's pid, from the data directory's postmaster.pid.
+    pub fn postmaster_pid(&self) -> String {
+        first_line(&self.data.join("postmaster.pid"))
+    }
+}
+
+/// The first line of a file, trimmed ("" when it cannot be read).
+pub fn first_line(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+/// An externally configured cluster archiving through tidemark into a fresh, initialised
+/// repository (like `Archiving`, cluster `acme`). The server is stopped before the test
+/// directory is removed.
+pub struct ExtArchiving {
+    pub pg: ExtPg,
+    pub cfg: PathBuf,
+    pub dir: TestDir,
+}
+
+impl ExtArchiving {
+    /// Cluster, config, key, start, `tidemark init`. None when `kind` cannot run here (the
+    /// caller returns: the test is skipped, with a note).
+    pub fn start(
+        tag: &str,
+        store: &StoreKind,
+        kind: ExtKind,
+        opts: ExtOptions<'_>,
+    ) -> Option<ExtArchiving> {
+        let dir = TestDir::new(tag);
+        let cfg = config_path(&dir, "acme");
+        // Short, unique, no dashes (pg_createcluster names end up in systemd unit names).
+        let name = format!(
+            "tdm{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        let pg = ExtPg::create(
+            &dir,
+            &name,
+            kind,
+            ExtOptions {
+                archive_command: Some(archive_command(&cfg, "acme")),
+                ..opts
+            },
+        )?;
+        write_config(&dir, store, "acme", Some(&pg.pg), "");
+        let key = dir.join("acme.key");
+        tidemark(&dir.path, &["key", "generate", key.to_str().unwrap()]).ok();
+        pg.start();
+        let init = tidemark(
+            &dir.path,
+            &[
+                "--config",
+                cfg.to_str().unwrap(),
+                "--cluster",
+                "acme",
+                "init",
+            ],
+        )
+        .ok();
+        assert!(
+            init.stdout
+                .contains("initialised repository of cluster acme"),
+            "{init:?}"
+        );
+        Some(ExtArchiving { pg, cfg, dir })
+    }
+
+    /// Runs tidemark with `--config <this config>` and `args`, in the test directory.
+    pub fn run(&self, args: &[&str]) -> Run {
+        let mut all = vec!["--config", self.cfg.to_str().unwrap()];
+        all.extend_from_slice(args);
+        tidemark(&self.dir.path, &all)
+    }
+}
+
+/// Connects to a server on `socket_dir`/`port` as postgres, retrying until it accepts
+/// connections and has left recovery (a restore's target reached and promoted).
+pub async fn wait_promoted(
+    socket_dir: &Path,
+    port: u16,
+    timeout: Duration,
+    log: &Path,
+) -> tokio_postgres::Client {
+    let conninfo = format!(
+        "host={} port={port} user=postgres dbname=postgres connect_timeout=5",
+        socket_dir.display()
+    );
+    let t = Instant::now();
+    loop {
+        if let Ok((client, conn)) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await
+        {
+            tokio::spawn(conn);
+            if let Ok(row) = client.query_one("select pg_is_in_recovery()", &[]).await
+                && !row.get::<_, bool>(0)
+            {
+                return client;
+            }
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "server on {}:{port} not promoted after {timeout:?}; log:\n{}",
+            socket_dir.display(),
+            tail(log, 40)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
