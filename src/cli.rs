@@ -9,7 +9,6 @@ use tidemark::config::{Config, DEFAULT_CONFIG_PATH};
 use tidemark::error::{Error, Exit};
 use tidemark::pipeline::keys::generate_master_key_file;
 use tidemark::repo::walindex::WalSummary;
-use tidemark::state::{PushRecord, WalPushStats};
 
 /// `--help`'s closing text: the exit codes (from the one table, `Exit`) and the environment.
 fn after_help() -> String {
@@ -563,32 +562,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::WalPush { path } => {
             let cluster = open_cluster(&cli).await?;
-            let t = std::time::Instant::now();
-            let result = tidemark::wal::wal_push(&cluster, path).await;
-            let seconds = t.elapsed().as_secs_f64();
-            let error = result
-                .as_ref()
-                .err()
-                .map(|e| (e.to_string(), e.exit_code()));
-            let rec = match (&result, &error) {
-                (Ok(o), _) => PushRecord::Pushed {
-                    file: &o.name,
-                    original_bytes: o.original_bytes,
-                    stored_bytes: o.stored_bytes,
-                    seconds,
-                },
-                (Err(_), Some((msg, code))) => PushRecord::Failed {
-                    error: msg,
-                    code: *code,
-                    seconds,
-                },
-                (Err(_), None) => unreachable!("an error always has a message"),
-            };
-            // Counters for the daemon's metrics and alerts; never a reason to fail archiving.
-            if let Err(e) = WalPushStats::record(&cluster.state_dir, &cluster.name, rec) {
-                tracing::warn!(state_dir = %cluster.state_dir.display(), error = %e, "wal-push counters not recorded");
-            }
-            result.map(|_| ())
+            tidemark::wal::wal_push_counted(&cluster, path)
+                .await
+                .map(|_| ())
         }
         Command::WalFetch { name, dest } => {
             let cluster = open_cluster(&cli).await?;
@@ -665,14 +641,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 }
                 return println_out(&text);
             }
-            let target = match target.as_str() {
-                "latest" => tidemark::drill::DrillTarget::Latest,
-                "random" => tidemark::drill::DrillTarget::Random,
-                "backup" => tidemark::drill::DrillTarget::Backup,
-                t => tidemark::drill::DrillTarget::Time(
-                    tidemark::restore::parse_target_time(t).map_err(Error::Usage)?,
-                ),
-            };
+            let target = tidemark::drill::parse_target(target).map_err(Error::Usage)?;
             let opts = tidemark::drill::DrillOptions {
                 target,
                 backup: backup.clone(),
@@ -804,13 +773,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let cluster = open_cluster(&cli).await?;
             let plan = tidemark::expire::plan(&cluster, chrono::Utc::now()).await?;
             let outcome = if *dry_run {
-                tidemark::expire::ExpireOutcome {
-                    deleted_backups: 0,
-                    deleted_wal: 0,
-                    plan,
-                    dry_run: true,
-                    removed_incomplete: Vec::new(),
-                }
+                tidemark::expire::dry_run(plan)
             } else {
                 tidemark::expire::execute(&cluster, plan).await?
             };
@@ -891,42 +854,21 @@ async fn run(cli: Cli) -> Result<(), Error> {
             start_timeout,
             json,
         } => {
-            use tidemark::restore::{self, RecoveryTarget, TargetTimeline};
-            let target = if let Some(t) = target_time {
-                RecoveryTarget::Time(restore::parse_target_time(t).map_err(Error::Usage)?)
-            } else if let Some(l) = target_lsn {
-                RecoveryTarget::Lsn(l.parse().map_err(Error::Usage)?)
-            } else if let Some(x) = target_xid {
-                if x.is_empty() || !x.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(Error::Usage(format!(
-                        "--target-xid {x:?}: expected a transaction id (digits)"
-                    )));
-                }
-                RecoveryTarget::Xid(x.clone())
-            } else if let Some(n) = target_name {
-                RecoveryTarget::Name(n.clone())
-            } else if *immediate {
-                RecoveryTarget::Immediate
-            } else {
-                RecoveryTarget::Latest
-            };
-            let target_timeline = match target_timeline.as_deref() {
-                None => None,
-                Some("latest") => Some(TargetTimeline::Latest),
-                Some("current") => Some(TargetTimeline::Current),
-                Some(n) => Some(TargetTimeline::Id(n.parse().map_err(|_| {
-                    Error::Usage(format!(
-                        "--target-timeline {n:?}: expected latest, current or a number"
-                    ))
-                })?)),
-            };
-            let mut map = Vec::new();
-            for m in tablespace_map {
-                let (old, new) = m.split_once('=').ok_or_else(|| {
-                    Error::Usage(format!("--tablespace-map {m:?}: expected OLD=NEW"))
-                })?;
-                map.push((old.to_string(), new.to_string()));
-            }
+            use tidemark::restore;
+            let target = restore::parse_target(&restore::TargetSpec {
+                time: target_time.as_deref(),
+                lsn: target_lsn.as_deref(),
+                xid: target_xid.as_deref(),
+                name: target_name.as_deref(),
+                immediate: *immediate,
+            })
+            .map_err(Error::Usage)?;
+            let target_timeline = target_timeline
+                .as_deref()
+                .map(restore::parse_target_timeline)
+                .transpose()
+                .map_err(Error::Usage)?;
+            let map = restore::parse_tablespace_map(tablespace_map).map_err(Error::Usage)?;
             let config_path = cli
                 .config
                 .clone()
