@@ -803,3 +803,37 @@ mod tests {
         assert!(!missing.ok && missing.detail.contains("does not exist"));
     }
 }
+
+// `--target` from its textual form. One block, appended whole, so the later split of this file
+// can move it as a unit.
+
+/// `latest`, `random`, `backup`, or a time with a zone (`parse_target_time`'s forms and message).
+pub fn parse_target(s: &str) -> Result<DrillTarget, String> {
+    Ok(match s {
+        "latest" => DrillTarget::Latest,
+        "random" => DrillTarget::Random,
+        "backup" => DrillTarget::Backup,
+        t => DrillTarget::Time(restore::parse_target_time(t)?),
+    })
+}
+
+#[cfg(test)]
+mod target_tests {
+    use super::*;
+
+    #[test]
+    fn drill_targets_parse() {
+        assert!(matches!(parse_target("latest"), Ok(DrillTarget::Latest)));
+        assert!(matches!(parse_target("random"), Ok(DrillTarget::Random)));
+        assert!(matches!(parse_target("backup"), Ok(DrillTarget::Backup)));
+        assert!(matches!(
+            parse_target("2026-11-27 09:41:07+00"),
+            Ok(DrillTarget::Time(_))
+        ));
+        assert!(
+            parse_target("bogus")
+                .unwrap_err()
+                .starts_with("invalid --target-time")
+        );
+    }
+}

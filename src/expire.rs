@@ -299,3 +299,43 @@ mod tests {
         assert_eq!(select_backups(&[], w, 2).0.len(), 0);
     }
 }
+
+// What a dry run reports. One block, appended whole, so a later split can move it as a unit.
+
+/// `--dry-run`'s outcome: the plan as `execute` would carry it out, nothing deleted.
+pub fn dry_run(plan: ExpirePlan) -> ExpireOutcome {
+    ExpireOutcome {
+        plan,
+        dry_run: true,
+        deleted_backups: 0,
+        deleted_wal: 0,
+        removed_incomplete: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod dry_run_tests {
+    use super::*;
+
+    #[test]
+    fn a_dry_run_reports_the_plan_and_deletes_nothing() {
+        let plan = ExpirePlan {
+            cluster: "c".into(),
+            now: DateTime::from_timestamp(2000, 0).unwrap(),
+            recovery_window_secs: 1000,
+            window_start: DateTime::from_timestamp(1000, 0).unwrap(),
+            min_backups: 1,
+            keep_backups: vec!["b".into()],
+            delete_backups: vec!["a".into()],
+            wal_keep_from: None,
+            delete_wal: vec!["c/wal/00000001/000000010000000000000001".into()],
+            delete_wal_bytes: 16 << 20,
+            notes: Vec::new(),
+        };
+        let out = dry_run(plan);
+        assert!(out.dry_run);
+        assert_eq!((out.deleted_backups, out.deleted_wal), (0, 0));
+        assert!(out.removed_incomplete.is_empty());
+        assert_eq!(out.plan.delete_backups, ["a"]);
+    }
+}

@@ -1,7 +1,7 @@
 //! tidemark: PostgreSQL backup and point-in-time recovery.
 //!
 //! Layers (a lower one never imports a higher one), top to bottom:
-//! `cli` → operations (`wal`) → `repo` (catalog) → `transfer` → `pipeline` / `store` → `pg`,
+//! `cli/` → operations (`wal`) → `repo` (catalog) → `transfer` → `pipeline` / `store` → `pg`,
 //! `config`. See docs/architecture.md.
 
 pub mod audit;

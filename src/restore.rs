@@ -1569,3 +1569,132 @@ mod tests {
         assert!(parse_target_time("2026-11-27 09:41:07").is_err());
     }
 }
+
+// Recovery targets, timelines and tablespace maps from the text an operator types (the command
+// line's --target-* and --tablespace-map). One block, appended whole, so the later split of this
+// file can move it as a unit. The messages name the flags: they are what the operator sees.
+
+/// The recovery target flags as given: at most one is set (the command line makes them
+/// exclusive; should several be set, the first in this order wins). None: replay all WAL.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TargetSpec<'a> {
+    pub time: Option<&'a str>,
+    pub lsn: Option<&'a str>,
+    pub xid: Option<&'a str>,
+    pub name: Option<&'a str>,
+    pub immediate: bool,
+}
+
+/// Where recovery should stop, from its textual form.
+pub fn parse_target(spec: &TargetSpec<'_>) -> Result<RecoveryTarget, String> {
+    if let Some(t) = spec.time {
+        return parse_target_time(t).map(RecoveryTarget::Time);
+    }
+    if let Some(l) = spec.lsn {
+        return l.parse().map(RecoveryTarget::Lsn);
+    }
+    if let Some(x) = spec.xid {
+        if x.is_empty() || !x.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!(
+                "--target-xid {x:?}: expected a transaction id (digits)"
+            ));
+        }
+        return Ok(RecoveryTarget::Xid(x.to_string()));
+    }
+    if let Some(n) = spec.name {
+        return Ok(RecoveryTarget::Name(n.to_string()));
+    }
+    Ok(if spec.immediate {
+        RecoveryTarget::Immediate
+    } else {
+        RecoveryTarget::Latest
+    })
+}
+
+/// `latest`, `current` (the backup's timeline) or a timeline number.
+pub fn parse_target_timeline(s: &str) -> Result<TargetTimeline, String> {
+    match s {
+        "latest" => Ok(TargetTimeline::Latest),
+        "current" => Ok(TargetTimeline::Current),
+        n => n
+            .parse()
+            .map(TargetTimeline::Id)
+            .map_err(|_| format!("--target-timeline {n:?}: expected latest, current or a number")),
+    }
+}
+
+/// `OLD=NEW` pairs: the tablespace at OLD is restored into NEW.
+pub fn parse_tablespace_map(pairs: &[String]) -> Result<Vec<(String, String)>, String> {
+    pairs
+        .iter()
+        .map(|m| {
+            m.split_once('=')
+                .map(|(old, new)| (old.to_string(), new.to_string()))
+                .ok_or_else(|| format!("--tablespace-map {m:?}: expected OLD=NEW"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod target_spec_tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_from_their_flags() {
+        let none = TargetSpec::default();
+        assert_eq!(parse_target(&none), Ok(RecoveryTarget::Latest));
+        let immediate = TargetSpec {
+            immediate: true,
+            ..none
+        };
+        assert_eq!(parse_target(&immediate), Ok(RecoveryTarget::Immediate));
+        let lsn = TargetSpec {
+            lsn: Some("0/3000060"),
+            ..none
+        };
+        assert_eq!(
+            parse_target(&lsn),
+            Ok(RecoveryTarget::Lsn("0/3000060".parse().unwrap()))
+        );
+        let xid = |x| TargetSpec {
+            xid: Some(x),
+            ..none
+        };
+        assert_eq!(
+            parse_target(&xid("42")),
+            Ok(RecoveryTarget::Xid("42".into()))
+        );
+        assert_eq!(
+            parse_target(&xid("4x")),
+            Err("--target-xid \"4x\": expected a transaction id (digits)".into())
+        );
+        assert!(parse_target(&xid("")).is_err());
+        let time = TargetSpec {
+            time: Some("2026-11-27 09:41:07"),
+            ..none
+        };
+        assert!(parse_target(&time).unwrap_err().contains("--target-time"));
+    }
+
+    #[test]
+    fn timelines_and_tablespace_maps() {
+        assert_eq!(parse_target_timeline("latest"), Ok(TargetTimeline::Latest));
+        assert_eq!(
+            parse_target_timeline("current"),
+            Ok(TargetTimeline::Current)
+        );
+        assert_eq!(parse_target_timeline("3"), Ok(TargetTimeline::Id(3)));
+        assert_eq!(
+            parse_target_timeline("x"),
+            Err("--target-timeline \"x\": expected latest, current or a number".into())
+        );
+        assert_eq!(
+            parse_tablespace_map(&["/a=/b=c".into()]),
+            Ok(vec![("/a".into(), "/b=c".into())])
+        );
+        assert_eq!(
+            parse_tablespace_map(&["/a".into()]),
+            Err("--tablespace-map \"/a\": expected OLD=NEW".into())
+        );
+    }
+}

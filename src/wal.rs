@@ -364,3 +364,38 @@ pub async fn wal_list(cluster: &ClusterHandle) -> Result<WalSummary, Error> {
     let (files, strays) = cluster.repo.list_wal().await?;
     Ok(summarise(&files, strays, info.wal_segment_size))
 }
+
+// wal-push as archive_command runs it, with this host's counters. One block, appended whole.
+
+/// [`wal_push`], then its outcome (and how long it took) added to the cluster's wal-push
+/// counters in the state directory (`state::WalPushStats`), which the daemon's metrics and
+/// archive_failing alert read. Failing to record them is logged, never a reason to fail
+/// archiving: the result is `wal_push`'s.
+pub async fn wal_push_counted(cluster: &ClusterHandle, path: &Path) -> Result<PushOutcome, Error> {
+    use crate::state::{PushRecord, WalPushStats};
+    let t = Instant::now();
+    let result = wal_push(cluster, path).await;
+    let seconds = t.elapsed().as_secs_f64();
+    let message = result
+        .as_ref()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    let rec = match &result {
+        Ok(o) => PushRecord::Pushed {
+            file: &o.name,
+            original_bytes: o.original_bytes,
+            stored_bytes: o.stored_bytes,
+            seconds,
+        },
+        Err(e) => PushRecord::Failed {
+            error: &message,
+            code: e.exit_code(),
+            seconds,
+        },
+    };
+    if let Err(e) = WalPushStats::record(&cluster.state_dir, &cluster.name, rec) {
+        tracing::warn!(state_dir = %cluster.state_dir.display(), error = %e, "wal-push counters not recorded");
+    }
+    result
+}
