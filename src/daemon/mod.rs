@@ -249,7 +249,7 @@ pub async fn run(opts: DaemonOptions) -> Result<(), Error> {
         config.alerts.webhook_ca_file.as_deref(),
         config.alerts.command.as_ref(),
     )
-    .map_err(Error::Usage)?;
+    .map_err(|e| Error::Usage(e.to_string()))?;
     if targets.is_empty() {
         tracing::warn!("no [alerts] webhook_url or command: alerts only go to this log");
     }
@@ -453,7 +453,7 @@ impl Daemon {
                 config.alerts.webhook_ca_file.as_deref(),
                 config.alerts.command.as_ref(),
             )
-            .map_err(Error::Usage)
+            .map_err(|e| Error::Usage(e.to_string()))
             .map(|t| (config, text, t))
         });
         let (config, text, targets) = match loaded {
