@@ -15,8 +15,19 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
+use crate::error::Exit;
+
 /// After SIGTERM, how long a job may take to stop before it is killed.
 pub const ABORT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The code of a child that has none: killed by a signal, not started, or never run. No
+/// `Exit` has it.
+pub const NO_EXIT_CODE: i32 = -1;
+
+/// Whether a child's exit code is `e`.
+pub fn exited(code: i32, e: Exit) -> bool {
+    code == i32::from(e.code())
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobKind {
@@ -39,7 +50,7 @@ impl JobKind {
 pub struct JobResult {
     pub kind: JobKind,
     pub cluster: String,
-    /// The child's exit code (-1: killed by a signal or not started).
+    /// The child's exit code (NO_EXIT_CODE: killed by a signal or not started).
     pub code: i32,
     /// The child's `--json` output, when it printed one.
     pub json: Option<serde_json::Value>,
@@ -52,7 +63,11 @@ pub struct JobResult {
 
 impl JobResult {
     pub fn ok(&self) -> bool {
-        self.code == 0
+        self.exited(Exit::Success)
+    }
+
+    pub fn exited(&self, e: Exit) -> bool {
+        exited(self.code, e)
     }
 }
 
@@ -91,7 +106,7 @@ pub async fn run(spec: JobSpec, cancel: CancellationToken) -> JobResult {
     let fail = |error: String| JobResult {
         kind: spec.kind,
         cluster: spec.cluster.clone(),
-        code: -1,
+        code: NO_EXIT_CODE,
         json: None,
         error: Some(error),
         seconds: started.elapsed().as_secs_f64(),
@@ -155,11 +170,11 @@ pub async fn run(spec: JobSpec, cancel: CancellationToken) -> JobResult {
         Err(_) => None,
     };
     let code = match &status {
-        Ok(s) => s.code().unwrap_or(-1),
-        Err(_) => -1,
+        Ok(s) => s.code().unwrap_or(NO_EXIT_CODE),
+        Err(_) => NO_EXIT_CODE,
     };
     let json = serde_json::from_slice(&stdout).ok();
-    let error = if code == 0 {
+    let error = if exited(code, Exit::Success) {
         None
     } else {
         Some(last_error.unwrap_or_else(|| match status {
@@ -247,11 +262,11 @@ pub async fn read_json(
     let out = match tokio::time::timeout(timeout, cmd.output()).await {
         Err(_) => {
             return Err((
-                -1,
+                NO_EXIT_CODE,
                 format!("{} did not finish within {timeout:?}", args.join(" ")),
             ));
         }
-        Ok(Err(e)) => return Err((-1, format!("cannot run {}: {e}", args.join(" ")))),
+        Ok(Err(e)) => return Err((NO_EXIT_CODE, format!("cannot run {}: {e}", args.join(" ")))),
         Ok(Ok(o)) => o,
     };
     if !out.status.success() {
@@ -262,10 +277,14 @@ pub async fn read_json(
             .find_map(|l| l.strip_prefix("tidemark: error: "))
             .unwrap_or_else(|| err.lines().last().unwrap_or("failed"))
             .to_string();
-        return Err((out.status.code().unwrap_or(-1), line));
+        return Err((out.status.code().unwrap_or(NO_EXIT_CODE), line));
     }
-    serde_json::from_slice(&out.stdout)
-        .map_err(|e| (-1, format!("{}: unreadable output: {e}", args.join(" "))))
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        (
+            NO_EXIT_CODE,
+            format!("{}: unreadable output: {e}", args.join(" ")),
+        )
+    })
 }
 
 /// The executable jobs run: this very binary.

@@ -14,7 +14,7 @@
 //! - A missed run (daemon down at the scheduled time) runs once at start when no backup
 //!   ended after the most recent scheduled time.
 //! - A failed backup is retried after `retry_backoff`, doubling, never past the next
-//!   scheduled run. One held off by another holder of the lock (exit 11) is retried after
+//!   scheduled run. One held off by another holder of the lock (Exit::Busy) is retried after
 //!   `retry_backoff` unless a backup completed meanwhile; it is not a failure.
 //! - SIGTERM: no new job starts; running jobs get `shutdown_grace` to finish, then SIGTERM
 //!   (a backup aborts and removes what it wrote; nothing partial is ever listed); exit 0.
@@ -63,7 +63,7 @@ enum Msg {
     },
     Catalog {
         cluster: String,
-        /// The error with the child's exit code (6: the store).
+        /// The error with the child's exit code (Exit::Store: the store).
         result: Box<Result<CatalogSummary, (i32, String)>>,
     },
     Probe {
@@ -89,7 +89,7 @@ struct ClusterRt {
     retry_at: Option<DateTime<Utc>>,
     retry_wait: Duration,
     /// Set when the pending retry is for a backup refused because another one held the
-    /// cluster's lock (exit 11): when the refused job started. The retry is dropped if a
+    /// cluster's lock (Exit::Busy): when the refused job started. The retry is dropped if a
     /// backup ended after that (the other one covers this run).
     busy_since: Option<DateTime<Utc>>,
     running: BTreeMap<&'static str, bool>,
@@ -826,7 +826,7 @@ impl Daemon {
                 JobResult {
                     kind,
                     cluster: spec.cluster.clone(),
-                    code: -1,
+                    code: jobs::NO_EXIT_CODE,
                     json: None,
                     error: Some("not started: the daemon is stopping".into()),
                     seconds: 0.0,
@@ -1144,7 +1144,7 @@ impl Daemon {
                     "catalog_failed",
                     Severity::Critical,
                     format!("the backups and the WAL archive cannot be read (exit {code}): {e}"),
-                    code == i32::from(Exit::Store.code()),
+                    jobs::exited(code, Exit::Store),
                 );
                 return;
             }
@@ -1256,7 +1256,7 @@ impl Daemon {
             return;
         };
         rt.set_busy(r.kind, false);
-        let store_caused = r.code == i32::from(Exit::Store.code());
+        let store_caused = r.exited(Exit::Store);
         let error = r.error.clone().unwrap_or_default();
         match r.kind {
             JobKind::Backup => {
@@ -1290,7 +1290,7 @@ impl Daemon {
                     if expire_after && !drilling && !self.stopping.is_cancelled() {
                         self.start_job(&cluster, JobKind::Expire, Vec::new());
                     }
-                } else if r.code == i32::from(Exit::Busy.code()) {
+                } else if r.exited(Exit::Busy) {
                     // Another process (an operator's backup, another host) holds the cluster's
                     // lock: no alert, try again after retry_backoff (never past the next
                     // scheduled run) unless a backup has completed by then. The catalog is
@@ -1309,7 +1309,7 @@ impl Daemon {
                         None => "the next scheduled run comes first",
                     };
                     tracing::warn!(cluster = %cluster, "backup held off ({when}): {error}");
-                } else if r.cancelled || r.code == i32::from(Exit::Interrupted.code()) {
+                } else if r.cancelled || r.exited(Exit::Interrupted) {
                     tracing::info!(cluster = %cluster, "backup stopped for the shutdown; nothing of it was kept");
                 } else {
                     // Retry with backoff, never past the next scheduled run.
@@ -1377,7 +1377,7 @@ impl Daemon {
                 }
                 if r.ok() {
                     self.clear_event(&cluster, "drill_failed");
-                } else if !r.cancelled && r.code != 15 {
+                } else if !r.cancelled && !r.exited(Exit::Interrupted) {
                     if let Ok(mut reg) = self.registry.lock() {
                         reg.clusters
                             .entry(cluster.clone())
