@@ -39,11 +39,13 @@ use crate::audit::{self, Event, Outcome};
 use crate::check::{self, CheckOptions, CheckReport, Status};
 use crate::cluster::ClusterHandle;
 use crate::config::{Config, ResolvedSchedule};
+use crate::drill::DrillRecord;
 use crate::error::{Error, Exit};
+use crate::list::Listing;
 use crate::state::{FileLock, WalPushStats, ensure_dir, write_atomic};
 use crate::store::{self, Store, StoreOptions};
 use alerts::{AlertKey, Alerter, Condition, STORE_CLUSTER, STORE_EVENT, Severity};
-use jobs::{JobKind, JobResult, JobSpec};
+use jobs::{ChildFailure, JobKind, JobOutput, JobResult, JobSpec};
 
 const TICK: Duration = Duration::from_secs(1);
 const WAL_STATE_POLL: Duration = Duration::from_secs(2);
@@ -64,7 +66,7 @@ enum Msg {
     Catalog {
         cluster: String,
         /// The error with the child's exit code (Exit::Store: the store).
-        result: Box<Result<CatalogSummary, (i32, String)>>,
+        result: Box<Result<CatalogSummary, ChildFailure>>,
     },
     Probe {
         result: Result<(), String>,
@@ -72,13 +74,57 @@ enum Msg {
     },
 }
 
+/// What the daemon takes from the catalog children's output.
 #[derive(Debug)]
 struct CatalogSummary {
-    newest_backup: Option<(DateTime<Utc>, u64, u64, u64)>,
+    newest_backup: Option<NewestBackup>,
     backups: u64,
     window: Option<(DateTime<Utc>, DateTime<Utc>)>,
     gaps: Vec<String>,
-    last_drill: Option<crate::drill::DrillRecord>,
+    last_drill: Option<DrillRecord>,
+}
+
+/// The complete backup that ended last.
+#[derive(Debug, Clone, Copy)]
+struct NewestBackup {
+    stop_time: DateTime<Utc>,
+    duration_ms: u64,
+    original_bytes: u64,
+    stored_bytes: u64,
+}
+
+impl CatalogSummary {
+    /// From `list --json` and `drill --history --json` (oldest drill first).
+    fn of(listing: &Listing, mut drills: Vec<DrillRecord>) -> CatalogSummary {
+        let newest_backup =
+            listing
+                .backups
+                .iter()
+                .max_by_key(|b| b.stop_time)
+                .map(|b| NewestBackup {
+                    stop_time: b.stop_time,
+                    duration_ms: b.duration_ms,
+                    original_bytes: b.original_bytes,
+                    stored_bytes: b.stored_bytes,
+                });
+        let gaps = listing
+            .window_gaps
+            .iter()
+            .map(|(timeline, g)| {
+                format!(
+                    "timeline {timeline}: {} .. {} ({} missing)",
+                    g.from, g.to, g.missing
+                )
+            })
+            .collect();
+        CatalogSummary {
+            newest_backup,
+            backups: listing.backups.len() as u64,
+            window: listing.earliest_restorable.zip(listing.latest_restorable),
+            gaps,
+            last_drill: drills.pop(),
+        }
+    }
 }
 
 struct ClusterRt {
@@ -827,7 +873,7 @@ impl Daemon {
                     kind,
                     cluster: spec.cluster.clone(),
                     code: jobs::NO_EXIT_CODE,
-                    json: None,
+                    output: None,
                     error: Some("not started: the daemon is stopping".into()),
                     seconds: 0.0,
                     cancelled: true,
@@ -1124,7 +1170,7 @@ impl Daemon {
         }
     }
 
-    fn on_catalog(&mut self, cluster: &str, result: Result<CatalogSummary, (i32, String)>) {
+    fn on_catalog(&mut self, cluster: &str, result: Result<CatalogSummary, ChildFailure>) {
         let age_limit = self.config.alerts.backup_age_critical;
         let uptime = (Utc::now() - self.started).to_std().unwrap_or_default();
         let retry = self.config.daemon.check_interval;
@@ -1134,7 +1180,7 @@ impl Daemon {
         rt.catalog_running = false;
         let s = match result {
             Ok(s) => s,
-            Err((code, e)) => {
+            Err(ChildFailure { code, message: e }) => {
                 // A catalog that cannot be read (a manifest that fails authentication, a
                 // repository of another system) hides backup age and WAL gaps: an alert itself.
                 tracing::warn!(cluster, error = %e, "reading the catalog failed; retrying");
@@ -1149,7 +1195,7 @@ impl Daemon {
                 return;
             }
         };
-        rt.newest_backup = s.newest_backup.map(|b| b.0);
+        rt.newest_backup = s.newest_backup.map(|b| b.stop_time);
         rt.catalog_loaded = true;
         let now = Utc::now();
         let mut run_missed = false;
@@ -1179,11 +1225,11 @@ impl Daemon {
         if let Ok(mut r) = self.registry.lock() {
             let m = r.clusters.entry(cluster.to_string()).or_default();
             m.backups_in_repository = Some(s.backups);
-            if let Some((stop, dur, orig, stored)) = s.newest_backup {
-                m.backup_last_success = Some(ts(stop));
-                m.backup_last_duration = Some(dur as f64 / 1000.0);
-                m.backup_last_original_bytes = Some(orig);
-                m.backup_last_stored_bytes = Some(stored);
+            if let Some(b) = s.newest_backup {
+                m.backup_last_success = Some(ts(b.stop_time));
+                m.backup_last_duration = Some(b.duration_ms as f64 / 1000.0);
+                m.backup_last_original_bytes = Some(b.original_bytes);
+                m.backup_last_stored_bytes = Some(b.stored_bytes);
             }
             m.window_start = s.window.map(|w| ts(w.0));
             m.window_end = s.window.map(|w| ts(w.1));
@@ -1193,8 +1239,8 @@ impl Daemon {
             }
         }
         let has_schedule = rt.schedule.backup.is_some();
-        match s.newest_backup {
-            Some((t, ..)) if (now - t).to_std().unwrap_or_default() > age_limit => self.condition(
+        match s.newest_backup.map(|b| b.stop_time) {
+            Some(t) if (now - t).to_std().unwrap_or_default() > age_limit => self.condition(
                 cluster,
                 "backup_age",
                 Severity::Critical,
@@ -1235,9 +1281,10 @@ impl Daemon {
             cluster: cluster.to_string(),
             event: "backup_failed",
         };
-        if let (Some((newest, ..)), Some(failed_at)) =
-            (s.newest_backup, self.alerter.observed(&failed_key))
-            && newest > failed_at
+        if let (Some(newest), Some(failed_at)) = (
+            s.newest_backup.map(|b| b.stop_time),
+            self.alerter.observed(&failed_key),
+        ) && newest > failed_at
         {
             self.clear(&failed_key, now);
         }
@@ -1268,16 +1315,11 @@ impl Daemon {
                     if let Ok(mut reg) = self.registry.lock() {
                         let m = reg.clusters.entry(cluster.clone()).or_default();
                         m.backups_total += 1;
-                        if let Some(j) = &r.json {
-                            if let Some(t) = j["stop_time"]
-                                .as_str()
-                                .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-                            {
-                                m.backup_last_success = Some(ts(t.with_timezone(&Utc)));
-                            }
-                            m.backup_last_duration = j["duration_ms"].as_f64().map(|v| v / 1000.0);
-                            m.backup_last_original_bytes = j["original_bytes"].as_u64();
-                            m.backup_last_stored_bytes = j["stored_bytes"].as_u64();
+                        if let Some(JobOutput::Backup(b)) = &r.output {
+                            m.backup_last_success = Some(ts(b.stop_time));
+                            m.backup_last_duration = Some(b.duration_ms as f64 / 1000.0);
+                            m.backup_last_original_bytes = Some(b.original_bytes);
+                            m.backup_last_stored_bytes = Some(b.stored_bytes);
                         }
                     }
                     rt.newest_backup = Some(Utc::now());
@@ -1309,7 +1351,7 @@ impl Daemon {
                         None => "the next scheduled run comes first",
                     };
                     tracing::warn!(cluster = %cluster, "backup held off ({when}): {error}");
-                } else if r.cancelled || r.exited(Exit::Interrupted) {
+                } else if r.stopped() || r.exited(Exit::Interrupted) {
                     tracing::info!(cluster = %cluster, "backup stopped for the shutdown; nothing of it was kept");
                 } else {
                     // Retry with backoff, never past the next scheduled run.
@@ -1343,14 +1385,15 @@ impl Daemon {
             JobKind::Expire => {
                 if r.ok() {
                     rt.next_catalog = Instant::now();
-                    if let (Some(j), Ok(mut reg)) = (&r.json, self.registry.lock()) {
+                    if let (Some(JobOutput::Expire(e)), Ok(mut reg)) =
+                        (&r.output, self.registry.lock())
+                    {
                         let m = reg.clusters.entry(cluster.clone()).or_default();
-                        m.expire_deleted_backups_total +=
-                            j["deleted_backups"].as_u64().unwrap_or(0);
-                        m.expire_deleted_wal_total += j["deleted_wal"].as_u64().unwrap_or(0);
+                        m.expire_deleted_backups_total += e.deleted_backups as u64;
+                        m.expire_deleted_wal_total += e.deleted_wal as u64;
                     }
                     self.clear_event(&cluster, "expire_failed");
-                } else if !r.cancelled {
+                } else if !r.stopped() {
                     if let Ok(mut reg) = self.registry.lock() {
                         reg.clusters
                             .entry(cluster.clone())
@@ -1370,14 +1413,16 @@ impl Daemon {
                 if std::mem::take(&mut rt.expire_pending) && !self.stopping.is_cancelled() {
                     self.start_job(&cluster, JobKind::Expire, Vec::new());
                 }
-                let record: Option<crate::drill::DrillRecord> =
-                    r.json.clone().and_then(|j| serde_json::from_value(j).ok());
+                let record = match &r.output {
+                    Some(JobOutput::Drill(d)) => Some(d),
+                    _ => None,
+                };
                 if let (Some(d), Ok(mut reg)) = (&record, self.registry.lock()) {
                     apply_drill_metrics(reg.clusters.entry(cluster.clone()).or_default(), d);
                 }
                 if r.ok() {
                     self.clear_event(&cluster, "drill_failed");
-                } else if !r.cancelled && !r.exited(Exit::Interrupted) {
+                } else if !r.stopped() && !r.exited(Exit::Interrupted) {
                     if let Ok(mut reg) = self.registry.lock() {
                         reg.clusters
                             .entry(cluster.clone())
@@ -1401,7 +1446,7 @@ impl Daemon {
     }
 }
 
-fn apply_drill_metrics(m: &mut metrics::ClusterMetrics, d: &crate::drill::DrillRecord) {
+fn apply_drill_metrics(m: &mut metrics::ClusterMetrics, d: &DrillRecord) {
     m.drill_last_ok = Some(d.ok);
     m.drill_last_duration = Some((d.finished - d.started).num_milliseconds() as f64 / 1000.0);
     m.drill_last_rto = d.rto_ms.map(|v| v as f64 / 1000.0);
@@ -1433,65 +1478,17 @@ fn prev_fire(s: &crate::schedule::Schedule, now: DateTime<Utc>) -> Option<DateTi
 
 /// What the slow loop reads: backups, window, gaps, and the newest drill record — through
 /// `tidemark list --json` and `drill --history --json` run as children, so a large catalog
-/// (every manifest is read) never grows the daemon's own memory.
+/// (every manifest is read) never grows the daemon's own memory. Output that does not parse
+/// as the commands' types is a failure, like a failed child.
 async fn read_catalog(
     config: &Path,
     cluster: &str,
     timeout: Duration,
-) -> Result<CatalogSummary, (i32, String)> {
-    let l = jobs::read_json(config, cluster, &["list", "--json"], timeout).await?;
-    let time = |v: &serde_json::Value| {
-        v.as_str()
-            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-            .map(|t| t.with_timezone(&Utc))
-    };
-    let backups = l["backups"].as_array().cloned().unwrap_or_default();
-    let newest = backups
-        .iter()
-        .filter_map(|b| {
-            Some((
-                time(&b["stop_time"])?,
-                b["duration_ms"].as_u64().unwrap_or(0),
-                b["original_bytes"].as_u64().unwrap_or(0),
-                b["stored_bytes"].as_u64().unwrap_or(0),
-            ))
-        })
-        .max_by_key(|b| b.0);
-    let gaps = l["window_gaps"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|g| {
-                    format!(
-                        "timeline {}: {} .. {} ({} missing)",
-                        g[0],
-                        g[1]["from"].as_str().unwrap_or("?"),
-                        g[1]["to"].as_str().unwrap_or("?"),
-                        g[1]["missing"]
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let drills =
+) -> Result<CatalogSummary, ChildFailure> {
+    let listing: Listing = jobs::read_json(config, cluster, &["list", "--json"], timeout).await?;
+    let drills: Vec<DrillRecord> =
         jobs::read_json(config, cluster, &["drill", "--history", "--json"], timeout).await?;
-    let last_drill = drills
-        .as_array()
-        .and_then(|a| a.last())
-        .and_then(|d| serde_json::from_value(d.clone()).ok());
-    Ok(CatalogSummary {
-        newest_backup: newest,
-        backups: backups.len() as u64,
-        window: match (
-            time(&l["earliest_restorable"]),
-            time(&l["latest_restorable"]),
-        ) {
-            (Some(a), Some(b)) => Some((a, b)),
-            _ => None,
-        },
-        gaps,
-        last_drill,
-    })
+    Ok(CatalogSummary::of(&listing, drills))
 }
 
 /// Dotted names of the keys whose values differ between two configs (values not shown); a
@@ -1569,6 +1566,83 @@ mod tests {
             prev_fire(&minutely, t("2026-12-01T10:00:30Z")),
             Some(t("2026-12-01T10:00:00Z"))
         );
+    }
+
+    #[test]
+    fn the_catalog_summary_is_read_from_lists_own_type() {
+        use crate::list::BackupSummary;
+        use crate::repo::walindex::WalGap;
+        use crate::repo::window::BackupRange;
+        let t = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        let backup = |id: &str, stop: &str, duration_ms: u64| BackupSummary {
+            id: id.into(),
+            label: String::new(),
+            timeline: 1,
+            start_time: t(stop) - chrono::Duration::milliseconds(duration_ms as i64),
+            stop_time: t(stop),
+            start_lsn: "0/2000028".into(),
+            stop_lsn: "0/2000100".into(),
+            original_bytes: duration_ms * 10,
+            stored_bytes: duration_ms,
+            duration_ms,
+            pg_version_num: 150000,
+            files: 1000,
+            range: BackupRange {
+                backup: id.into(),
+                timeline: 1,
+                from_time: t(stop),
+                from_lsn: "0/2000100".into(),
+                to_time: None,
+                to_lsn: None,
+                gap_at: None,
+                restorable: true,
+                run_tail: Vec::new(),
+            },
+            configuration: None,
+        };
+        let gap = WalGap {
+            from: "000000010000000000000005".into(),
+            to: "000000010000000000000007".into(),
+            missing: 3,
+        };
+        let listing = Listing {
+            cluster: "acme".into(),
+            backups: vec![
+                backup("b1", "2026-12-01T02:00:00Z", 5000),
+                backup("b2", "2026-12-02T02:00:00Z", 7000),
+            ],
+            windows: Vec::new(),
+            earliest_restorable: Some(t("2026-12-01T02:00:00Z")),
+            latest_restorable: Some(t("2026-12-02T03:00:00Z")),
+            wal_gaps: vec![(1, gap.clone())],
+            window_gaps: vec![(1, gap)],
+        };
+        // As `list --json` prints it and the daemon reads it back.
+        let json = serde_json::to_string_pretty(&listing).unwrap();
+        let read: Listing = serde_json::from_str(&json).unwrap();
+        let s = CatalogSummary::of(&read, Vec::new());
+        let newest = s.newest_backup.unwrap();
+        assert_eq!(newest.stop_time, t("2026-12-02T02:00:00Z"));
+        assert_eq!(
+            (
+                newest.duration_ms,
+                newest.original_bytes,
+                newest.stored_bytes
+            ),
+            (7000, 70000, 7000)
+        );
+        assert_eq!(s.backups, 2);
+        assert_eq!(
+            s.window,
+            Some((t("2026-12-01T02:00:00Z"), t("2026-12-02T03:00:00Z")))
+        );
+        assert_eq!(
+            s.gaps,
+            vec!["timeline 1: 000000010000000000000005 .. 000000010000000000000007 (3 missing)"]
+        );
+        assert!(s.last_drill.is_none());
+        // Output that is not a listing is an error, not an empty catalog.
+        assert!(serde_json::from_str::<Listing>("{\"backups\": []}").is_err());
     }
 
     #[test]
