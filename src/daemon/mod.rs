@@ -180,41 +180,14 @@ fn load_config(path: &Path) -> Result<(Config, String), Error> {
 pub async fn run(opts: DaemonOptions) -> Result<(), Error> {
     let (config, text) = load_config(&opts.config_path)?;
     let state_dir = crate::state::resolve_dir(config.state_dir.as_deref());
-    let daemon_dir = state_dir.join("daemon");
-    ensure_dir(&daemon_dir)
-        .map_err(|e| Error::LocalIo(format!("state directory {}: {e}", daemon_dir.display())))?;
-    let lock = FileLock::try_acquire(&daemon_dir.join("lock"))
-        .map_err(|e| Error::LocalIo(format!("{}: {e}", daemon_dir.join("lock").display())))?
-        .ok_or_else(|| {
-            Error::Busy(format!(
-                "another tidemark daemon runs with state directory {}",
-                state_dir.display()
-            ))
-        })?;
-    let snapshot = daemon_dir.join("config.toml");
-    let previous = std::fs::read_to_string(&snapshot).ok();
-    write_atomic(&snapshot, text.as_bytes(), true)
-        .map_err(|e| Error::LocalIo(format!("{}: {e}", snapshot.display())))?;
-
+    let (lock, snapshot, previous) = take_state_dir(&state_dir, &text)?;
     let store = probe_store(&config).await?;
     let registry: metrics::Shared = Default::default();
     if let Ok(mut r) = registry.lock() {
         r.started = ts(Utc::now());
     }
     let heartbeat = metrics::Heartbeat::new();
-    let metrics_task = match &config.metrics.listen {
-        Some(addr) => {
-            let addr: std::net::SocketAddr = addr
-                .parse()
-                .map_err(|e| Error::Usage(format!("metrics.listen: {e}")))?;
-            Some(
-                metrics::serve(addr, registry.clone(), heartbeat.clone())
-                    .await
-                    .map_err(|e| Error::LocalIo(format!("metrics.listen {addr}: {e}")))?,
-            )
-        }
-        None => None,
-    };
+    let metrics_task = serve_metrics(&config, &registry, &heartbeat).await?;
     let targets = notify::Targets::new(
         config.alerts.webhook_url.as_ref(),
         config.alerts.webhook_ca_file.as_deref(),
@@ -268,55 +241,114 @@ pub async fn run(opts: DaemonOptions) -> Result<(), Error> {
         config = %opts.config_path.display(),
         "daemon started"
     );
-
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::Internal(e.to_string()))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::Internal(e.to_string()))?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::Internal(e.to_string()))?;
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => d.on_tick().await,
-            Some(m) = rx.recv() => d.on_msg(m).await,
-            _ = hup.recv() => d.reload().await,
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-        }
-        d.send_alerts();
-    }
-
-    d.stopping.cancel();
-    tracing::info!(
-        running = d.running_jobs,
-        grace = ?d.config.daemon.shutdown_grace,
-        "stopping: no new jobs; waiting for running ones"
-    );
-    let grace = tokio::time::sleep(d.config.daemon.shutdown_grace);
-    tokio::pin!(grace);
-    let mut asked = false;
-    while d.running_jobs > 0 {
-        tokio::select! {
-            Some(m) = rx.recv() => {
-                if let Msg::Job(r) = m {
-                    d.on_job(r).await;
-                }
-            }
-            _ = &mut grace, if !asked => {
-                asked = true;
-                tracing::info!(running = d.running_jobs, "grace period over: asking running jobs to stop");
-                d.cancel_jobs.cancel();
-            }
-        }
-    }
-    d.send_alerts();
-    // Let queued notifications (a failure or a "resolved" seen just now) go out.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.run_until_signal(&mut rx).await?;
+    d.shut_down(&mut rx).await;
     if let Some(t) = metrics_task {
         t.abort();
     }
     tracing::info!("daemon stopped");
     Ok(())
+}
+
+/// Takes the state directory's daemon lock (one daemon per state directory) and writes the
+/// config snapshot the jobs read. Returns the lock, the snapshot's path and the snapshot the
+/// previous daemon left (to audit what changed since).
+fn take_state_dir(
+    state_dir: &Path,
+    text: &str,
+) -> Result<(FileLock, PathBuf, Option<String>), Error> {
+    let daemon_dir = state_dir.join("daemon");
+    ensure_dir(&daemon_dir)
+        .map_err(|e| Error::LocalIo(format!("state directory {}: {e}", daemon_dir.display())))?;
+    let lock = FileLock::try_acquire(&daemon_dir.join("lock"))
+        .map_err(|e| Error::LocalIo(format!("{}: {e}", daemon_dir.join("lock").display())))?
+        .ok_or_else(|| {
+            Error::Busy(format!(
+                "another tidemark daemon runs with state directory {}",
+                state_dir.display()
+            ))
+        })?;
+    let snapshot = daemon_dir.join("config.toml");
+    let previous = std::fs::read_to_string(&snapshot).ok();
+    write_atomic(&snapshot, text.as_bytes(), true)
+        .map_err(|e| Error::LocalIo(format!("{}: {e}", snapshot.display())))?;
+    Ok((lock, snapshot, previous))
+}
+
+/// Binds `[metrics] listen` (a taken port is an error at start) and serves it.
+async fn serve_metrics(
+    config: &Config,
+    registry: &metrics::Shared,
+    heartbeat: &metrics::Heartbeat,
+) -> Result<Option<tokio::task::JoinHandle<()>>, Error> {
+    let Some(addr) = &config.metrics.listen else {
+        return Ok(None);
+    };
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|e| Error::Usage(format!("metrics.listen: {e}")))?;
+    let task = metrics::serve(addr, registry.clone(), heartbeat.clone())
+        .await
+        .map_err(|e| Error::LocalIo(format!("metrics.listen {addr}: {e}")))?;
+    Ok(Some(task))
+}
+
+impl Daemon {
+    /// The scheduler loop: ticks, messages from tasks, SIGHUP; returns at SIGTERM or SIGINT.
+    async fn run_until_signal(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Msg>,
+    ) -> Result<(), Error> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term =
+            signal(SignalKind::terminate()).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut int =
+            signal(SignalKind::interrupt()).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut hup = signal(SignalKind::hangup()).map_err(|e| Error::Internal(e.to_string()))?;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.on_tick().await,
+                Some(m) = rx.recv() => self.on_msg(m).await,
+                _ = hup.recv() => self.reload().await,
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+            }
+            self.send_alerts();
+        }
+    }
+
+    /// SIGTERM: nothing new starts; running jobs get `shutdown_grace`, then are asked to stop;
+    /// returns when none runs and the last notifications had a moment to go out.
+    async fn shut_down(&mut self, rx: &mut mpsc::UnboundedReceiver<Msg>) {
+        self.stopping.cancel();
+        tracing::info!(
+            running = self.running_jobs,
+            grace = ?self.config.daemon.shutdown_grace,
+            "stopping: no new jobs; waiting for running ones"
+        );
+        let grace = tokio::time::sleep(self.config.daemon.shutdown_grace);
+        tokio::pin!(grace);
+        let mut asked = false;
+        while self.running_jobs > 0 {
+            tokio::select! {
+                Some(m) = rx.recv() => {
+                    if let Msg::Job(r) = m {
+                        self.on_job(r).await;
+                    }
+                }
+                _ = &mut grace, if !asked => {
+                    asked = true;
+                    tracing::info!(running = self.running_jobs, "grace period over: asking running jobs to stop");
+                    self.cancel_jobs.cancel();
+                }
+            }
+        }
+        self.send_alerts();
+        // Let queued notifications (a failure or a "resolved" seen just now) go out.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// Evidence of store-caused failures older than the store's recovery plus this is still
@@ -327,6 +359,13 @@ fn store_settle(config: &Config) -> Duration {
 }
 
 impl Daemon {
+    /// Updates the metrics of one cluster.
+    fn with_metrics(&self, cluster: &str, f: impl FnOnce(&mut metrics::ClusterMetrics)) {
+        if let Ok(mut r) = self.registry.lock() {
+            f(r.clusters.entry(cluster.to_string()).or_default());
+        }
+    }
+
     fn clear(&mut self, key: &AlertKey, now: DateTime<Utc>) {
         if let Some(n) = self.alerter.clear(key, now) {
             self.queue_notification(n);

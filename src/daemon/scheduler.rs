@@ -13,6 +13,7 @@ use super::jobs::{self, JobKind, JobResult, JobSpec};
 use super::{ClusterRt, Daemon, Msg, WAL_STATE_POLL, catalog, probe_options, ts};
 use crate::check::{self, CheckOptions, CheckReport, Status};
 use crate::cluster::ClusterHandle;
+use crate::config::ResolvedSchedule;
 use crate::error::{Error, Exit};
 use crate::state::WalPushStats;
 use crate::store;
@@ -41,6 +42,123 @@ fn jittered(t: DateTime<Utc>, jitter: Duration) -> DateTime<Utc> {
     t + chrono::Duration::milliseconds(ms as i64)
 }
 
+/// Whether two schedules are the same cron expression in the same time zone.
+fn same_schedule(
+    a: &Option<crate::schedule::Schedule>,
+    b: &Option<crate::schedule::Schedule>,
+) -> bool {
+    let key = |s: &Option<crate::schedule::Schedule>| {
+        s.as_ref()
+            .map(|s| (s.expression().to_string(), s.timezone()))
+    };
+    key(a) == key(b)
+}
+
+fn next_backup_after(schedule: &ResolvedSchedule, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    schedule
+        .backup
+        .as_ref()
+        .and_then(|s| s.next_after(now))
+        .map(|t| jittered(t, schedule.jitter))
+}
+
+impl ClusterRt {
+    /// A cluster the daemon has not run yet: its first scheduled times; the catalog decides
+    /// about a missed run.
+    fn new(
+        name: &str,
+        handle: Arc<ClusterHandle>,
+        schedule: ResolvedSchedule,
+        retry_backoff: Duration,
+        now: DateTime<Utc>,
+    ) -> ClusterRt {
+        let next_backup = next_backup_after(&schedule, now);
+        let next_drill = schedule.drill.as_ref().and_then(|s| s.next_after(now));
+        match (&schedule.backup, next_backup) {
+            (Some(s), Some(t)) => tracing::info!(
+                cluster = %name,
+                schedule = s.expression(),
+                timezone = %s.timezone(),
+                next = %t.format("%Y-%m-%d %H:%M:%S+00"),
+                "backups scheduled"
+            ),
+            _ => tracing::warn!(
+                cluster = %name,
+                "no backup schedule ([schedule] backup or [clusters.{name}.schedule] backup): monitoring only"
+            ),
+        }
+        ClusterRt {
+            handle,
+            missed_run_pending: schedule.backup.is_some(),
+            schedule,
+            next_backup,
+            next_drill,
+            retry_at: None,
+            retry_wait: retry_backoff,
+            busy_since: None,
+            running: BTreeMap::new(),
+            check_running: false,
+            catalog_running: false,
+            next_check: Instant::now(),
+            next_catalog: Instant::now(),
+            newest_backup: None,
+            catalog_loaded: false,
+            expire_pending: false,
+        }
+    }
+
+    /// A reloaded cluster keeps what runs and its timing; only a changed schedule (or jitter)
+    /// computes its next time anew.
+    fn reconfigure(
+        &mut self,
+        handle: Arc<ClusterHandle>,
+        schedule: ResolvedSchedule,
+        now: DateTime<Utc>,
+    ) {
+        if !same_schedule(&self.schedule.backup, &schedule.backup)
+            || self.schedule.jitter != schedule.jitter
+        {
+            self.next_backup = next_backup_after(&schedule, now);
+        }
+        if !same_schedule(&self.schedule.drill, &schedule.drill) {
+            self.next_drill = schedule.drill.as_ref().and_then(|s| s.next_after(now));
+        }
+        self.handle = handle;
+        self.schedule = schedule;
+    }
+}
+
+impl ClusterRt {
+    /// The start-up decision about a missed run, made once, when the catalog is first read:
+    /// true when no backup ended after the most recent scheduled time (the daemon was down
+    /// then, or stopped while that backup ran; this includes "older than the schedule's
+    /// period").
+    pub(super) fn take_missed_run(&mut self, cluster: &str, now: DateTime<Utc>) -> bool {
+        if !std::mem::take(&mut self.missed_run_pending) {
+            return false;
+        }
+        let Some(sched) = &self.schedule.backup else {
+            return false;
+        };
+        let last_due = prev_fire(sched, now);
+        let stale = match (self.newest_backup, last_due) {
+            (None, _) => true,
+            (Some(t), Some(due)) => t < due,
+            (Some(_), None) => false,
+        };
+        if !stale || self.busy(JobKind::Backup) {
+            return false;
+        }
+        tracing::info!(
+            cluster,
+            newest = %self.newest_backup.map(|t| t.format("%Y-%m-%d %H:%M:%S+00").to_string()).unwrap_or_else(|| "none".into()),
+            due = %last_due.map(|t| t.format("%Y-%m-%d %H:%M:%S+00").to_string()).unwrap_or_else(|| "-".into()),
+            "no backup since the last scheduled time: running the missed backup now"
+        );
+        true
+    }
+}
+
 impl Daemon {
     /// (Re)builds the per-cluster runtime from `self.config`, keeping what runs.
     pub(super) fn apply_clusters(&mut self) -> Result<(), Error> {
@@ -55,69 +173,16 @@ impl Daemon {
             let schedule = self.config.resolve_schedule(name).map_err(Error::Usage)?;
             let rt = match self.clusters.remove(name) {
                 Some(mut rt) => {
-                    let changed =
-                        |a: &Option<crate::schedule::Schedule>,
-                         b: &Option<crate::schedule::Schedule>| {
-                            a.as_ref()
-                                .map(|s| (s.expression().to_string(), s.timezone()))
-                                != b.as_ref()
-                                    .map(|s| (s.expression().to_string(), s.timezone()))
-                        };
-                    if changed(&rt.schedule.backup, &schedule.backup)
-                        || rt.schedule.jitter != schedule.jitter
-                    {
-                        rt.next_backup = schedule
-                            .backup
-                            .as_ref()
-                            .and_then(|s| s.next_after(now))
-                            .map(|t| jittered(t, schedule.jitter));
-                    }
-                    if changed(&rt.schedule.drill, &schedule.drill) {
-                        rt.next_drill = schedule.drill.as_ref().and_then(|s| s.next_after(now));
-                    }
-                    rt.handle = handle;
-                    rt.schedule = schedule;
+                    rt.reconfigure(handle, schedule, now);
                     rt
                 }
-                None => {
-                    let next_backup = schedule
-                        .backup
-                        .as_ref()
-                        .and_then(|s| s.next_after(now))
-                        .map(|t| jittered(t, schedule.jitter));
-                    let next_drill = schedule.drill.as_ref().and_then(|s| s.next_after(now));
-                    match (&schedule.backup, next_backup) {
-                        (Some(s), Some(t)) => tracing::info!(
-                            cluster = %name,
-                            schedule = s.expression(),
-                            timezone = %s.timezone(),
-                            next = %t.format("%Y-%m-%d %H:%M:%S+00"),
-                            "backups scheduled"
-                        ),
-                        _ => tracing::warn!(
-                            cluster = %name,
-                            "no backup schedule ([schedule] backup or [clusters.{name}.schedule] backup): monitoring only"
-                        ),
-                    }
-                    ClusterRt {
-                        handle,
-                        missed_run_pending: schedule.backup.is_some(),
-                        schedule,
-                        next_backup,
-                        next_drill,
-                        retry_at: None,
-                        retry_wait: self.config.daemon.retry_backoff,
-                        busy_since: None,
-                        running: BTreeMap::new(),
-                        check_running: false,
-                        catalog_running: false,
-                        next_check: Instant::now(),
-                        next_catalog: Instant::now(),
-                        newest_backup: None,
-                        catalog_loaded: false,
-                        expire_pending: false,
-                    }
-                }
+                None => ClusterRt::new(
+                    name,
+                    handle,
+                    schedule,
+                    self.config.daemon.retry_backoff,
+                    now,
+                ),
             };
             next.insert(name.clone(), rt);
         }
@@ -161,143 +226,136 @@ impl Daemon {
     }
 
     fn tick_cluster(&mut self, name: &str, now: DateTime<Utc>, stopping: bool) {
+        self.start_check_if_due(name);
+        self.start_catalog_if_due(name);
+        if stopping {
+            return;
+        }
+        self.start_backup_if_due(name, now);
+        self.retry_backup_if_due(name, now);
+        self.start_drill_if_due(name, now);
+        if let (Some(rt), Ok(mut r)) = (self.clusters.get(name), self.registry.lock()) {
+            r.clusters.entry(name.to_string()).or_default().next_backup = rt.next_backup.map(ts);
+        }
+    }
+
+    fn start_check_if_due(&mut self, name: &str) {
         let interval = self.config.daemon.check_interval;
+        let Some(rt) = self.clusters.get_mut(name) else {
+            return;
+        };
+        if rt.check_running || Instant::now() < rt.next_check {
+            return;
+        }
+        rt.check_running = true;
+        rt.next_check = Instant::now() + interval;
+        let (h, tx) = (rt.handle.clone(), self.tx.clone());
+        let cluster = name.to_string();
+        // A check that hangs (a server that accepts connections and never answers) must
+        // not end the checking of this cluster: it is bounded, and its end is a report.
+        let limit = (interval * 2).max(Duration::from_secs(60));
+        tokio::spawn(async move {
+            let report = run_check(&h, &cluster, limit).await;
+            let _ = tx.send(Msg::Check {
+                cluster,
+                report: Box::new(report),
+                at: Utc::now(),
+            });
+        });
+    }
+
+    fn start_catalog_if_due(&mut self, name: &str) {
         let catalog_interval = self.config.daemon.catalog_interval;
         let Some(rt) = self.clusters.get_mut(name) else {
             return;
         };
-        if !rt.check_running && Instant::now() >= rt.next_check {
-            rt.check_running = true;
-            rt.next_check = Instant::now() + interval;
-            let (h, tx) = (rt.handle.clone(), self.tx.clone());
-            let cluster = name.to_string();
-            // A check that hangs (a server that accepts connections and never answers) must
-            // not end the checking of this cluster: it is bounded, and its end is a report.
-            let limit = (interval * 2).max(Duration::from_secs(60));
-            tokio::spawn(async move {
-                let opts = CheckOptions {
-                    switch_wal: false,
-                    archive_timeout: Duration::from_secs(60),
-                    catalog: false,
-                };
-                let run = async {
-                    let report = check::check(&h, &opts).await;
-                    // Upload audit records a store outage left pending.
-                    if let Ok(info) = h.repo.read_info().await
-                        && crate::audit::pending(&h, &info).0 > 0
-                        && let Err(e) = crate::audit::flush(&h, &info).await
-                    {
-                        tracing::warn!(cluster = %h.name, error = %e, "pending audit records not uploaded yet");
-                    }
-                    report
-                };
-                let report = match tokio::time::timeout(limit, run).await {
-                    Ok(r) => r,
-                    Err(_) => CheckReport {
-                        cluster: cluster.clone(),
-                        status: Status::Critical,
-                        checks: vec![check::CheckResult {
-                            name: "check",
-                            status: Status::Critical,
-                            message: format!(
-                                "the health check did not finish within {} (a server or store that does not answer)",
-                                humantime::format_duration(limit)
-                            ),
-                            value: None,
-                            bytes: None,
-                        }],
-                    },
-                };
-                let _ = tx.send(Msg::Check {
-                    cluster,
-                    report: Box::new(report),
-                    at: Utc::now(),
-                });
-            });
-        }
-        if !rt.catalog_running && Instant::now() >= rt.next_catalog {
-            rt.catalog_running = true;
-            rt.next_catalog = Instant::now() + catalog_interval;
-            let tx = self.tx.clone();
-            let (cluster, snapshot) = (name.to_string(), self.snapshot.clone());
-            let limit = catalog_interval.max(Duration::from_secs(600));
-            tokio::spawn(async move {
-                let result = Box::new(catalog::read_catalog(&snapshot, &cluster, limit).await);
-                let _ = tx.send(Msg::Catalog { cluster, result });
-            });
-        }
-        if stopping {
+        if rt.catalog_running || Instant::now() < rt.next_catalog {
             return;
         }
-        if let Some(t) = rt.next_backup
-            && now >= t
-        {
-            let s = rt.schedule.backup.clone();
-            rt.next_backup = s
-                .as_ref()
-                .and_then(|s| s.next_after(now))
-                .map(|t| jittered(t, rt.schedule.jitter));
-            rt.retry_at = None;
-            rt.retry_wait = self.config.daemon.retry_backoff;
-            rt.busy_since = None;
-            if rt.busy(JobKind::Backup) {
-                tracing::warn!(cluster = %name, "scheduled backup skipped: the previous one still runs");
-            } else {
+        rt.catalog_running = true;
+        rt.next_catalog = Instant::now() + catalog_interval;
+        let tx = self.tx.clone();
+        let (cluster, snapshot) = (name.to_string(), self.snapshot.clone());
+        let limit = catalog_interval.max(Duration::from_secs(600));
+        tokio::spawn(async move {
+            let result = Box::new(catalog::read_catalog(&snapshot, &cluster, limit).await);
+            let _ = tx.send(Msg::Catalog { cluster, result });
+        });
+    }
+
+    /// A scheduled run replaces any pending retry.
+    fn start_backup_if_due(&mut self, name: &str, now: DateTime<Utc>) {
+        let retry_backoff = self.config.daemon.retry_backoff;
+        let Some(rt) = self.clusters.get_mut(name) else {
+            return;
+        };
+        let due = rt.next_backup.is_some_and(|t| now >= t);
+        if !due {
+            return;
+        }
+        rt.next_backup = next_backup_after(&rt.schedule, now);
+        rt.retry_at = None;
+        rt.retry_wait = retry_backoff;
+        rt.busy_since = None;
+        if rt.busy(JobKind::Backup) {
+            tracing::warn!(cluster = %name, "scheduled backup skipped: the previous one still runs");
+        } else {
+            self.start_job(name, JobKind::Backup, Vec::new());
+        }
+    }
+
+    fn retry_backup_if_due(&mut self, name: &str, now: DateTime<Utc>) {
+        let Some(rt) = self.clusters.get_mut(name) else {
+            return;
+        };
+        let due = rt.retry_at.is_some_and(|t| now >= t) && !rt.busy(JobKind::Backup);
+        if !due {
+            return;
+        }
+        rt.retry_at = None;
+        match rt.busy_since.take() {
+            Some(since) if rt.newest_backup.is_some_and(|b| b >= since) => {
+                tracing::info!(cluster = %name, "not retrying: the backup that held the lock has completed");
+            }
+            Some(_) => {
+                tracing::info!(cluster = %name, "retrying the backup that another one held off");
+                self.start_job(name, JobKind::Backup, Vec::new());
+            }
+            None => {
+                tracing::info!(cluster = %name, "retrying the failed backup");
                 self.start_job(name, JobKind::Backup, Vec::new());
             }
         }
+    }
+
+    /// A due drill waits while the cluster's backup or retention runs (the first would drill
+    /// what is about to change, the second could delete what the drill restores) and until
+    /// the catalog is known; with no complete backup there is nothing to drill (backup_age and
+    /// backup_failed report that).
+    fn start_drill_if_due(&mut self, name: &str, now: DateTime<Utc>) {
         let Some(rt) = self.clusters.get_mut(name) else {
             return;
         };
-        if let Some(t) = rt.retry_at
-            && now >= t
-            && !rt.busy(JobKind::Backup)
-        {
-            rt.retry_at = None;
-            match rt.busy_since.take() {
-                Some(since) if rt.newest_backup.is_some_and(|b| b >= since) => {
-                    tracing::info!(cluster = %name, "not retrying: the backup that held the lock has completed");
-                }
-                Some(_) => {
-                    tracing::info!(cluster = %name, "retrying the backup that another one held off");
-                    self.start_job(name, JobKind::Backup, Vec::new());
-                }
-                None => {
-                    tracing::info!(cluster = %name, "retrying the failed backup");
-                    self.start_job(name, JobKind::Backup, Vec::new());
-                }
-            }
-        }
-        let Some(rt) = self.clusters.get_mut(name) else {
-            return;
-        };
-        // A due drill waits while the cluster's backup or retention runs (the first would
-        // drill what is about to change, the second could delete what the drill restores)
-        // and until the catalog is known; with no complete backup there is nothing to drill
-        // (backup_age and backup_failed report that).
-        if let Some(t) = rt.next_drill
-            && now >= t
+        let due = rt.next_drill.is_some_and(|t| now >= t)
             && !rt.busy(JobKind::Backup)
             && !rt.busy(JobKind::Expire)
             && !rt.busy(JobKind::Drill)
-            && rt.catalog_loaded
-        {
-            rt.next_drill = rt.schedule.drill.as_ref().and_then(|s| s.next_after(now));
-            if rt.newest_backup.is_none() {
-                tracing::warn!(cluster = %name, "scheduled drill skipped: no complete backup yet");
-            } else {
-                let target = rt
-                    .handle
-                    .config
-                    .drill
-                    .target
-                    .clone()
-                    .unwrap_or_else(|| "random".into());
-                self.start_job(name, JobKind::Drill, vec!["--target".into(), target]);
-            }
+            && rt.catalog_loaded;
+        if !due {
+            return;
         }
-        if let (Some(rt), Ok(mut r)) = (self.clusters.get(name), self.registry.lock()) {
-            r.clusters.entry(name.to_string()).or_default().next_backup = rt.next_backup.map(ts);
+        rt.next_drill = rt.schedule.drill.as_ref().and_then(|s| s.next_after(now));
+        if rt.newest_backup.is_none() {
+            tracing::warn!(cluster = %name, "scheduled drill skipped: no complete backup yet");
+        } else {
+            let target = rt
+                .handle
+                .config
+                .drill
+                .target
+                .clone()
+                .unwrap_or_else(|| "random".into());
+            self.start_job(name, JobKind::Drill, vec!["--target".into(), target]);
         }
     }
 
@@ -423,11 +481,46 @@ impl Daemon {
     }
 }
 
+/// The daemon's health check of one cluster, bounded by `limit` (its end is always a report),
+/// then the upload of audit records a store outage left pending.
+async fn run_check(h: &ClusterHandle, cluster: &str, limit: Duration) -> CheckReport {
+    let opts = CheckOptions {
+        switch_wal: false,
+        archive_timeout: Duration::from_secs(60),
+        catalog: false,
+    };
+    let run = async {
+        let report = check::check(h, &opts).await;
+        // Upload audit records a store outage left pending.
+        if let Ok(info) = h.repo.read_info().await
+            && crate::audit::pending(h, &info).0 > 0
+            && let Err(e) = crate::audit::flush(h, &info).await
+        {
+            tracing::warn!(cluster = %h.name, error = %e, "pending audit records not uploaded yet");
+        }
+        report
+    };
+    match tokio::time::timeout(limit, run).await {
+        Ok(r) => r,
+        Err(_) => CheckReport {
+            cluster: cluster.to_string(),
+            status: Status::Critical,
+            checks: vec![check::CheckResult {
+                name: "check",
+                status: Status::Critical,
+                message: format!(
+                    "the health check did not finish within {} (a server or store that does not answer)",
+                    humantime::format_duration(limit)
+                ),
+                value: None,
+                bytes: None,
+            }],
+        },
+    }
+}
+
 /// The most recent scheduled time at or before `now` (within 400 days).
-pub(super) fn prev_fire(
-    s: &crate::schedule::Schedule,
-    now: DateTime<Utc>,
-) -> Option<DateTime<Utc>> {
+fn prev_fire(s: &crate::schedule::Schedule, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let period = s.period_at(now).unwrap_or(Duration::from_secs(86400));
     // Look back twice the period, then further while nothing is found: irregular schedules
     // (the 1st and 2nd of each month) have a short period and long gaps.
