@@ -2,67 +2,38 @@
 //! accepted change audited.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use tokio_util::sync::CancellationToken;
 
 use super::{Daemon, load_config, notify, probe_store, store_settle};
 use crate::audit::{self, Event, Outcome};
+use crate::cluster::ClusterHandle;
+use crate::config::Config;
 use crate::error::Error;
 use crate::state::write_atomic;
 
 impl Daemon {
     pub(super) async fn reload(&mut self) {
         tracing::info!(config = %self.config_path.display(), "SIGHUP: reloading the config");
-        let loaded = load_config(&self.config_path).and_then(|(config, text)| {
-            notify::Targets::new(
-                config.alerts.webhook_url.as_ref(),
-                config.alerts.webhook_ca_file.as_deref(),
-                config.alerts.command.as_ref(),
-            )
-            .map_err(|e| Error::Usage(e.to_string()))
-            .map(|t| (config, text, t))
-        });
-        let (config, text, targets) = match loaded {
+        let (config, text, targets) = match self.read_new_config() {
             Ok(x) => x,
             Err(e) => {
                 tracing::error!("config rejected, the running one stays in force: {e}");
-                if let Ok(mut r) = self.registry.lock() {
-                    r.reload_failures_total += 1;
-                }
+                self.count_refusal();
                 return;
             }
         };
-        // The jobs read the snapshot: what the daemon cannot switch while it runs (its own
-        // store, its listener, its state directory) must not change under them either.
-        let fixed: Vec<&str> = [
-            (
-                "repository.url",
-                config.repository.url != self.config.repository.url,
-            ),
-            (
-                "metrics.listen",
-                config.metrics.listen != self.config.metrics.listen,
-            ),
-            ("state_dir", config.state_dir != self.config.state_dir),
-            (
-                "daemon.max_concurrent_jobs",
-                config.daemon.max_concurrent_jobs != self.jobs_limit,
-            ),
-        ]
-        .into_iter()
-        .filter(|(_, changed)| *changed)
-        .map(|(k, _)| k)
-        .collect();
+        let fixed = fixed_keys_changed(&self.config, self.jobs_limit, &config);
         if !fixed.is_empty() {
             tracing::error!(
                 "config rejected, the running one stays in force: {} changed; restart the daemon to change {}",
                 fixed.join(", "),
                 if fixed.len() == 1 { "it" } else { "them" }
             );
-            if let Ok(mut r) = self.registry.lock() {
-                r.reload_failures_total += 1;
-            }
+            self.count_refusal();
             return;
         }
         if let Err(e) = write_atomic(&self.snapshot, text.as_bytes(), true) {
@@ -93,7 +64,34 @@ impl Daemon {
             store_settle(&self.config),
             names,
         );
-        // Conditions of removed clusters, and of jobs no longer scheduled, end now.
+        self.end_unscheduled_conditions();
+        if let Ok(mut r) = self.registry.lock() {
+            r.reloads_total += 1;
+        }
+        self.audit_config_change(Some(&old_text));
+        tracing::info!("config reloaded");
+    }
+
+    /// The config file read and validated again, with its notification targets.
+    fn read_new_config(&self) -> Result<(Config, String, notify::Targets), Error> {
+        let (config, text) = load_config(&self.config_path)?;
+        let targets = notify::Targets::new(
+            config.alerts.webhook_url.as_ref(),
+            config.alerts.webhook_ca_file.as_deref(),
+            config.alerts.command.as_ref(),
+        )
+        .map_err(|e| Error::Usage(e.to_string()))?;
+        Ok((config, text, targets))
+    }
+
+    fn count_refusal(&self) {
+        if let Ok(mut r) = self.registry.lock() {
+            r.reload_failures_total += 1;
+        }
+    }
+
+    /// Conditions of removed clusters, and of jobs no longer scheduled, end now.
+    fn end_unscheduled_conditions(&mut self) {
         let expire_after = self.config.daemon.expire_after_backup;
         let scheduled: BTreeMap<String, (bool, bool)> = self
             .clusters
@@ -119,11 +117,6 @@ impl Daemon {
         for n in ended {
             self.queue_notification(n);
         }
-        if let Ok(mut r) = self.registry.lock() {
-            r.reloads_total += 1;
-        }
-        self.audit_config_change(Some(&old_text));
-        tracing::info!("config reloaded");
     }
 
     /// Records a config change in the audit log of every cluster it concerns: the dotted
@@ -144,51 +137,94 @@ impl Daemon {
             return;
         }
         for (name, rt) in &self.clusters {
-            let prefix = format!("clusters.{name}.");
-            let mine: Vec<&str> = changed
-                .iter()
-                .filter(|k| {
-                    !k.starts_with("clusters.")
-                        || k.starts_with(&prefix)
-                        || k.starts_with(&format!("clusters.{name} "))
-                })
-                .map(|k| k.as_str())
-                .collect();
+            let mine = keys_of_cluster(&changed, name);
             if mine.is_empty() {
                 continue;
             }
             let detail = format!("{}: {}", self.config_path.display(), mine.join(", "));
-            let (h, name, stopping) = (rt.handle.clone(), name.clone(), self.stopping.clone());
-            tokio::spawn(async move {
-                let mut wait = Duration::from_secs(5);
-                loop {
-                    let sealed = async {
-                        let info = h.repo.read_info().await?;
-                        let k = h.keyring(&info).await?;
-                        Ok::<_, Error>((info, k))
-                    }
-                    .await;
-                    match sealed {
-                        Ok((info, k)) => {
-                            let event = Event::new("config_change", Outcome::Ok).detail(detail);
-                            audit::record(&h, &info, &k, event).await;
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::warn!(cluster = %name, error = %e, "config change not audited yet; retrying");
-                        }
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = stopping.cancelled() => {
-                            tracing::error!(cluster = %name, "config change not audited: the daemon stopped first");
-                            return;
-                        }
-                    }
-                    wait = (wait * 2).min(Duration::from_secs(300));
-                }
-            });
+            tokio::spawn(audit_until_recorded(
+                rt.handle.clone(),
+                name.clone(),
+                detail,
+                self.stopping.clone(),
+            ));
         }
+    }
+}
+
+/// What the daemon cannot switch while it runs (its own store, its listener, its state
+/// directory, its job slots): the jobs read the snapshot, so these must not change under them
+/// either. Returns the names of those that `new` changes.
+fn fixed_keys_changed(running: &Config, jobs_limit: usize, new: &Config) -> Vec<&'static str> {
+    [
+        (
+            "repository.url",
+            new.repository.url != running.repository.url,
+        ),
+        (
+            "metrics.listen",
+            new.metrics.listen != running.metrics.listen,
+        ),
+        ("state_dir", new.state_dir != running.state_dir),
+        (
+            "daemon.max_concurrent_jobs",
+            new.daemon.max_concurrent_jobs != jobs_limit,
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, changed)| *changed)
+    .map(|(k, _)| k)
+    .collect()
+}
+
+/// The changed keys that concern cluster `name`: its own and every key outside `clusters.`.
+fn keys_of_cluster<'a>(changed: &'a [String], name: &str) -> Vec<&'a str> {
+    let prefix = format!("clusters.{name}.");
+    changed
+        .iter()
+        .filter(|k| {
+            !k.starts_with("clusters.")
+                || k.starts_with(&prefix)
+                || k.starts_with(&format!("clusters.{name} "))
+        })
+        .map(|k| k.as_str())
+        .collect()
+}
+
+/// Writes the config_change audit record, retrying (5 s, doubling to 5 min) while the
+/// repository cannot be read, until it is written or the daemon stops.
+async fn audit_until_recorded(
+    h: Arc<ClusterHandle>,
+    name: String,
+    detail: String,
+    stopping: CancellationToken,
+) {
+    let mut wait = Duration::from_secs(5);
+    loop {
+        let sealed = async {
+            let info = h.repo.read_info().await?;
+            let k = h.keyring(&info).await?;
+            Ok::<_, Error>((info, k))
+        }
+        .await;
+        match sealed {
+            Ok((info, k)) => {
+                let event = Event::new("config_change", Outcome::Ok).detail(detail);
+                audit::record(&h, &info, &k, event).await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(cluster = %name, error = %e, "config change not audited yet; retrying");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stopping.cancelled() => {
+                tracing::error!(cluster = %name, "config change not audited: the daemon stopped first");
+                return;
+            }
+        }
+        wait = (wait * 2).min(Duration::from_secs(300));
     }
 }
 
