@@ -111,26 +111,6 @@ pub struct JobSpec {
 /// ABORT_TIMEOUT).
 pub async fn run(spec: JobSpec, cancel: CancellationToken) -> JobResult {
     let started = Instant::now();
-    let mut cmd = tokio::process::Command::new(&spec.exe);
-    cmd.arg("--config")
-        .arg(&spec.config)
-        .arg("--cluster")
-        .arg(&spec.cluster)
-        .args(["--log-format", "json", spec.kind.as_str(), "--json"])
-        .args(&spec.args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    // SAFETY: prctl(2) is async-signal-safe; it only sets this child's parent-death signal.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
     let fail = |error: String| JobResult {
         kind: spec.kind,
         cluster: spec.cluster.clone(),
@@ -140,14 +120,13 @@ pub async fn run(spec: JobSpec, cancel: CancellationToken) -> JobResult {
         seconds: started.elapsed().as_secs_f64(),
         cancelled: false,
     };
-    let mut child = match cmd.spawn() {
+    let mut child = match command(&spec).spawn() {
         Ok(c) => c,
         Err(e) => return fail(format!("cannot start {}: {e}", spec.exe.display())),
     };
     let pid = child.id();
     tracing::info!(cluster = %spec.cluster, job = spec.kind.as_str(), pid, "job started");
     let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
     let out_task = tokio::spawn(async move {
         let mut buf = Vec::new();
         if let Some(mut s) = stdout {
@@ -155,39 +134,12 @@ pub async fn run(spec: JobSpec, cancel: CancellationToken) -> JobResult {
         }
         buf
     });
-    let (cluster, kind) = (spec.cluster.clone(), spec.kind);
-    let err_task = tokio::spawn(async move {
-        let mut last_error = None;
-        if let Some(s) = stderr {
-            let mut lines = BufReader::new(s).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(e) = forward_log(&cluster, kind, &line) {
-                    last_error = Some(e);
-                }
-            }
-        }
-        last_error
-    });
-    let mut cancelled = false;
-    let status = tokio::select! {
-        s = child.wait() => s,
-        _ = cancel.cancelled() => {
-            cancelled = true;
-            if let Some(pid) = pid {
-                tracing::info!(cluster = %spec.cluster, job = spec.kind.as_str(), pid, "asking the job to stop (SIGTERM)");
-                // SAFETY: kill(2) on our own child's pid, which wait() has not reaped yet.
-                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            }
-            match tokio::time::timeout(ABORT_TIMEOUT, child.wait()).await {
-                Ok(s) => s,
-                Err(_) => {
-                    tracing::error!(cluster = %spec.cluster, job = spec.kind.as_str(), "job did not stop within {ABORT_TIMEOUT:?}: killing it");
-                    let _ = child.kill().await;
-                    child.wait().await
-                }
-            }
-        }
-    };
+    let err_task = tokio::spawn(forward_stderr(
+        child.stderr.take(),
+        spec.cluster.clone(),
+        spec.kind,
+    ));
+    let (status, cancelled) = wait_or_stop(&mut child, &spec, &cancel).await;
     // A grandchild that inherited the pipes could keep them open after the job exited.
     let stdout = match tokio::time::timeout(Duration::from_secs(10), out_task).await {
         Ok(r) => r.unwrap_or_default(),
@@ -221,6 +173,79 @@ pub async fn run(spec: JobSpec, cancel: CancellationToken) -> JobResult {
     };
     tracing::info!(cluster = %r.cluster, job = r.kind.as_str(), code = r.code, seconds = format!("{:.1}", r.seconds), "job finished");
     r
+}
+
+/// `tidemark --config <snapshot> --cluster NAME --log-format json <command> --json ARGS`,
+/// SIGTERM'd if the daemon dies.
+fn command(spec: &JobSpec) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(&spec.exe);
+    cmd.arg("--config")
+        .arg(&spec.config)
+        .arg("--cluster")
+        .arg(&spec.cluster)
+        .args(["--log-format", "json", spec.kind.as_str(), "--json"])
+        .args(&spec.args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: prctl(2) is async-signal-safe; it only sets this child's parent-death signal.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Re-logs the child's stderr under the daemon's logger; returns its last error line.
+async fn forward_stderr(
+    stderr: Option<tokio::process::ChildStderr>,
+    cluster: String,
+    kind: JobKind,
+) -> Option<String> {
+    let mut last_error = None;
+    if let Some(s) = stderr {
+        let mut lines = BufReader::new(s).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(e) = forward_log(&cluster, kind, &line) {
+                last_error = Some(e);
+            }
+        }
+    }
+    last_error
+}
+
+/// Waits for the child to exit; when `cancel` fires first, SIGTERM, then SIGKILL after
+/// ABORT_TIMEOUT. Returns its status and whether it was asked to stop.
+async fn wait_or_stop(
+    child: &mut tokio::process::Child,
+    spec: &JobSpec,
+    cancel: &CancellationToken,
+) -> (std::io::Result<std::process::ExitStatus>, bool) {
+    let pid = child.id();
+    tokio::select! {
+        s = child.wait() => (s, false),
+        _ = cancel.cancelled() => {
+            if let Some(pid) = pid {
+                tracing::info!(cluster = %spec.cluster, job = spec.kind.as_str(), pid, "asking the job to stop (SIGTERM)");
+                // SAFETY: kill(2) on our own child's pid, which wait() has not reaped yet.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+            let s = match tokio::time::timeout(ABORT_TIMEOUT, child.wait()).await {
+                Ok(s) => s,
+                Err(_) => {
+                    tracing::error!(cluster = %spec.cluster, job = spec.kind.as_str(), "job did not stop within {ABORT_TIMEOUT:?}: killing it");
+                    let _ = child.kill().await;
+                    child.wait().await
+                }
+            };
+            (s, true)
+        }
+    }
 }
 
 /// The job's typed result, and for a child that exited 0 without one the error that makes it
