@@ -20,6 +20,11 @@
 //!   (a backup aborts and removes what it wrote; nothing partial is ever listed); exit 0.
 //! - SIGHUP: the config is read again; a config that does not parse or validate is rejected
 //!   with an error line and the running one stays in force.
+//!
+//! Files: this one starts the daemon, runs the loop and shuts down, and holds the shared state;
+//! `scheduler` what becomes due when; `handlers` what results do to state, metrics and alerts;
+//! `reload` SIGHUP; `jobs` and `catalog` the children and their typed output; `alerts`,
+//! `notify` and `metrics` conditions, delivery and exposition.
 
 mod alerts;
 mod catalog;
