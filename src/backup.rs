@@ -233,7 +233,7 @@ fn plan_packs(files: &[(PathBuf, u64)]) -> Vec<Vec<Piece>> {
 }
 
 /// What `backup` did.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BackupOutcome {
     pub id: String,
     pub label: String,

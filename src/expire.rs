@@ -15,7 +15,7 @@
 
 use chrono::{DateTime, Utc};
 use secrecy::ExposeSecret;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::audit::{self, Event, Outcome};
 use crate::backup::{BACKUP_LOCK_KEY, remove_incomplete};
@@ -25,7 +25,7 @@ use crate::pg::wal::{Lsn, WalFileKind, segment_of};
 use crate::repo::Repository;
 use crate::repo::manifest::BackupManifest;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExpirePlan {
     pub cluster: String,
     pub now: DateTime<Utc>,
@@ -41,7 +41,7 @@ pub struct ExpirePlan {
     pub notes: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExpireOutcome {
     pub plan: ExpirePlan,
     pub dry_run: bool,

@@ -1,14 +1,14 @@
 //! `tidemark list`: complete backups and the restorable window per timeline.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusterHandle;
 use crate::error::Error;
 use crate::repo::walindex::{WalGap, gaps_from, summarise};
 use crate::repo::window::{self, BackupRange, Window};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BackupSummary {
     pub id: String,
     pub label: String,
@@ -29,7 +29,7 @@ pub struct BackupSummary {
     pub configuration: Option<ConfigSummary>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConfigSummary {
     pub config_file: String,
     pub hba_file: String,
@@ -38,7 +38,7 @@ pub struct ConfigSummary {
     pub missing: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CapturedFile {
     pub source: String,
     pub role: String,
@@ -65,7 +65,7 @@ impl ConfigSummary {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Listing {
     pub cluster: String,
     pub backups: Vec<BackupSummary>,

@@ -99,188 +99,254 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// How a per-cluster family reads its value; None is "not known yet": no sample.
 type Getter = fn(&ClusterMetrics) -> Option<f64>;
+
+/// The per-cluster families (name, type, help, value), in exposition order. A family with no
+/// known value for any cluster is left out entirely.
+const CLUSTER_FAMILIES: &[(&str, &str, &str, Getter)] = &[
+    (
+        "tidemark_backup_last_success_timestamp_seconds",
+        "gauge",
+        "End (database clock) of the newest complete backup.",
+        |m| m.backup_last_success,
+    ),
+    (
+        "tidemark_backup_last_duration_seconds",
+        "gauge",
+        "Duration of the newest complete backup.",
+        |m| m.backup_last_duration,
+    ),
+    (
+        "tidemark_backup_last_original_bytes",
+        "gauge",
+        "Size of the newest complete backup before compression.",
+        |m| m.backup_last_original_bytes.map(|v| v as f64),
+    ),
+    (
+        "tidemark_backup_last_stored_bytes",
+        "gauge",
+        "Size of the newest complete backup as stored.",
+        |m| m.backup_last_stored_bytes.map(|v| v as f64),
+    ),
+    (
+        "tidemark_backups_total",
+        "counter",
+        "Backups the daemon completed.",
+        |m| Some(m.backups_total as f64),
+    ),
+    (
+        "tidemark_backup_failures_total",
+        "counter",
+        "Backups the daemon started that failed.",
+        |m| Some(m.backup_failures_total as f64),
+    ),
+    (
+        "tidemark_backups",
+        "gauge",
+        "Complete backups in the repository.",
+        |m| m.backups_in_repository.map(|v| v as f64),
+    ),
+    (
+        "tidemark_next_backup_timestamp_seconds",
+        "gauge",
+        "When the next scheduled backup starts.",
+        |m| m.next_backup,
+    ),
+    (
+        "tidemark_wal_pushed_segments_total",
+        "counter",
+        "WAL files wal-push stored (or found already stored) on this host.",
+        |m| Some(m.wal.pushed as f64),
+    ),
+    (
+        "tidemark_wal_pushed_bytes_total",
+        "counter",
+        "Bytes of WAL files wal-push stored, before compression.",
+        |m| Some(m.wal.pushed_bytes as f64),
+    ),
+    (
+        "tidemark_wal_pushed_stored_bytes_total",
+        "counter",
+        "Bytes of WAL files wal-push stored, as stored.",
+        |m| Some(m.wal.stored_bytes as f64),
+    ),
+    (
+        "tidemark_wal_push_failures_total",
+        "counter",
+        "wal-push runs that failed (PostgreSQL retries them).",
+        |m| Some(m.wal.failures as f64),
+    ),
+    (
+        "tidemark_wal_push_last_success_timestamp_seconds",
+        "gauge",
+        "Last successful wal-push.",
+        |m| {
+            m.wal
+                .last_success
+                .map(|t| t.timestamp_millis() as f64 / 1000.0)
+        },
+    ),
+    (
+        "tidemark_archive_lag_seconds",
+        "gauge",
+        "Age of the oldest WAL segment waiting to be archived (0: none waiting).",
+        |m| m.archive_lag_seconds,
+    ),
+    (
+        "tidemark_archive_lag_bytes",
+        "gauge",
+        "WAL written and not yet archived (pg_current_wal_lsn against the end of the last archived segment).",
+        |m| m.archive_lag_bytes.map(|v| v as f64),
+    ),
+    (
+        "tidemark_restorable_window_start_timestamp_seconds",
+        "gauge",
+        "Earliest moment that can be restored.",
+        |m| m.window_start,
+    ),
+    (
+        "tidemark_restorable_window_end_timestamp_seconds",
+        "gauge",
+        "Latest moment that can be restored (last commit in the archived WAL).",
+        |m| m.window_end,
+    ),
+    (
+        "tidemark_wal_gaps",
+        "gauge",
+        "WAL gaps inside the restorable history (each is lost WAL).",
+        |m| m.wal_gaps.map(|v| v as f64),
+    ),
+    (
+        "tidemark_expire_deleted_backups_total",
+        "counter",
+        "Backups deleted by retention.",
+        |m| Some(m.expire_deleted_backups_total as f64),
+    ),
+    (
+        "tidemark_expire_deleted_wal_total",
+        "counter",
+        "WAL files deleted by retention.",
+        |m| Some(m.expire_deleted_wal_total as f64),
+    ),
+    (
+        "tidemark_expire_failures_total",
+        "counter",
+        "Retention runs that failed.",
+        |m| Some(m.expire_failures_total as f64),
+    ),
+    (
+        "tidemark_drill_last_success_timestamp_seconds",
+        "gauge",
+        "End of the last restore drill that passed.",
+        |m| m.drill_last_success,
+    ),
+    (
+        "tidemark_drill_last_duration_seconds",
+        "gauge",
+        "Duration of the last restore drill.",
+        |m| m.drill_last_duration,
+    ),
+    (
+        "tidemark_drill_last_rto_seconds",
+        "gauge",
+        "RTO measured by the last restore drill (start to first accepted query).",
+        |m| m.drill_last_rto,
+    ),
+    (
+        "tidemark_drill_last_result",
+        "gauge",
+        "1 if the last restore drill passed, 0 if it failed.",
+        |m| m.drill_last_ok.map(|b| if b { 1.0 } else { 0.0 }),
+    ),
+    (
+        "tidemark_drill_failures_total",
+        "counter",
+        "Restore drills the daemon ran that failed.",
+        |m| Some(m.drill_failures_total as f64),
+    ),
+    (
+        "tidemark_check_status",
+        "gauge",
+        "Result of the daemon's last health check: 0 OK, 1 warning, 2 critical.",
+        |m| m.check_status.map(f64::from),
+    ),
+    (
+        "tidemark_audit_pending_records",
+        "gauge",
+        "Audit records written on this host and not yet uploaded.",
+        |m| Some(m.audit_pending as f64),
+    ),
+];
+
+/// How a daemon-wide family reads its value.
+type DaemonGetter = fn(&Registry) -> f64;
+
+/// The daemon-wide families (name, type, help, value), always exported, after the others.
+const DAEMON_FAMILIES: &[(&str, &str, &str, DaemonGetter)] = &[
+    (
+        "tidemark_daemon_start_timestamp_seconds",
+        "gauge",
+        "When the daemon started.",
+        |r| r.started,
+    ),
+    (
+        "tidemark_config_reloads_total",
+        "counter",
+        "Configurations accepted on SIGHUP.",
+        |r| r.reloads_total as f64,
+    ),
+    (
+        "tidemark_config_reload_failures_total",
+        "counter",
+        "Configurations rejected on SIGHUP (the old one stays).",
+        |r| r.reload_failures_total as f64,
+    ),
+    (
+        "tidemark_alerts_sent_total",
+        "counter",
+        "Alert notifications delivered.",
+        |r| r.alerts_sent_total as f64,
+    ),
+    (
+        "tidemark_alert_delivery_failures_total",
+        "counter",
+        "Alert notifications that could not be delivered.",
+        |r| r.alert_delivery_failures_total as f64,
+    ),
+    (
+        "tidemark_alerts_firing",
+        "gauge",
+        "Alert conditions currently firing.",
+        |r| r.alerts_firing as f64,
+    ),
+    (
+        "tidemark_jobs_running",
+        "gauge",
+        "Backups, drills and expires running now.",
+        |r| r.jobs_running as f64,
+    ),
+];
+
+const WAL_PUSH_HISTOGRAM: &str = "tidemark_wal_push_duration_seconds";
 
 impl Registry {
     pub fn render(&self) -> String {
         let mut o = Out {
             text: String::with_capacity(8192),
         };
-        let gauges: &[(&str, &str, &str, Getter)] = &[
-            (
-                "tidemark_backup_last_success_timestamp_seconds",
-                "gauge",
-                "End (database clock) of the newest complete backup.",
-                |m| m.backup_last_success,
-            ),
-            (
-                "tidemark_backup_last_duration_seconds",
-                "gauge",
-                "Duration of the newest complete backup.",
-                |m| m.backup_last_duration,
-            ),
-            (
-                "tidemark_backup_last_original_bytes",
-                "gauge",
-                "Size of the newest complete backup before compression.",
-                |m| m.backup_last_original_bytes.map(|v| v as f64),
-            ),
-            (
-                "tidemark_backup_last_stored_bytes",
-                "gauge",
-                "Size of the newest complete backup as stored.",
-                |m| m.backup_last_stored_bytes.map(|v| v as f64),
-            ),
-            (
-                "tidemark_backups_total",
-                "counter",
-                "Backups the daemon completed.",
-                |m| Some(m.backups_total as f64),
-            ),
-            (
-                "tidemark_backup_failures_total",
-                "counter",
-                "Backups the daemon started that failed.",
-                |m| Some(m.backup_failures_total as f64),
-            ),
-            (
-                "tidemark_backups",
-                "gauge",
-                "Complete backups in the repository.",
-                |m| m.backups_in_repository.map(|v| v as f64),
-            ),
-            (
-                "tidemark_next_backup_timestamp_seconds",
-                "gauge",
-                "When the next scheduled backup starts.",
-                |m| m.next_backup,
-            ),
-            (
-                "tidemark_wal_pushed_segments_total",
-                "counter",
-                "WAL files wal-push stored (or found already stored) on this host.",
-                |m| Some(m.wal.pushed as f64),
-            ),
-            (
-                "tidemark_wal_pushed_bytes_total",
-                "counter",
-                "Bytes of WAL files wal-push stored, before compression.",
-                |m| Some(m.wal.pushed_bytes as f64),
-            ),
-            (
-                "tidemark_wal_pushed_stored_bytes_total",
-                "counter",
-                "Bytes of WAL files wal-push stored, as stored.",
-                |m| Some(m.wal.stored_bytes as f64),
-            ),
-            (
-                "tidemark_wal_push_failures_total",
-                "counter",
-                "wal-push runs that failed (PostgreSQL retries them).",
-                |m| Some(m.wal.failures as f64),
-            ),
-            (
-                "tidemark_wal_push_last_success_timestamp_seconds",
-                "gauge",
-                "Last successful wal-push.",
-                |m| {
-                    m.wal
-                        .last_success
-                        .map(|t| t.timestamp_millis() as f64 / 1000.0)
-                },
-            ),
-            (
-                "tidemark_archive_lag_seconds",
-                "gauge",
-                "Age of the oldest WAL segment waiting to be archived (0: none waiting).",
-                |m| m.archive_lag_seconds,
-            ),
-            (
-                "tidemark_archive_lag_bytes",
-                "gauge",
-                "WAL written and not yet archived (pg_current_wal_lsn against the end of the last archived segment).",
-                |m| m.archive_lag_bytes.map(|v| v as f64),
-            ),
-            (
-                "tidemark_restorable_window_start_timestamp_seconds",
-                "gauge",
-                "Earliest moment that can be restored.",
-                |m| m.window_start,
-            ),
-            (
-                "tidemark_restorable_window_end_timestamp_seconds",
-                "gauge",
-                "Latest moment that can be restored (last commit in the archived WAL).",
-                |m| m.window_end,
-            ),
-            (
-                "tidemark_wal_gaps",
-                "gauge",
-                "WAL gaps inside the restorable history (each is lost WAL).",
-                |m| m.wal_gaps.map(|v| v as f64),
-            ),
-            (
-                "tidemark_expire_deleted_backups_total",
-                "counter",
-                "Backups deleted by retention.",
-                |m| Some(m.expire_deleted_backups_total as f64),
-            ),
-            (
-                "tidemark_expire_deleted_wal_total",
-                "counter",
-                "WAL files deleted by retention.",
-                |m| Some(m.expire_deleted_wal_total as f64),
-            ),
-            (
-                "tidemark_expire_failures_total",
-                "counter",
-                "Retention runs that failed.",
-                |m| Some(m.expire_failures_total as f64),
-            ),
-            (
-                "tidemark_drill_last_success_timestamp_seconds",
-                "gauge",
-                "End of the last restore drill that passed.",
-                |m| m.drill_last_success,
-            ),
-            (
-                "tidemark_drill_last_duration_seconds",
-                "gauge",
-                "Duration of the last restore drill.",
-                |m| m.drill_last_duration,
-            ),
-            (
-                "tidemark_drill_last_rto_seconds",
-                "gauge",
-                "RTO measured by the last restore drill (start to first accepted query).",
-                |m| m.drill_last_rto,
-            ),
-            (
-                "tidemark_drill_last_result",
-                "gauge",
-                "1 if the last restore drill passed, 0 if it failed.",
-                |m| m.drill_last_ok.map(|b| if b { 1.0 } else { 0.0 }),
-            ),
-            (
-                "tidemark_drill_failures_total",
-                "counter",
-                "Restore drills the daemon ran that failed.",
-                |m| Some(m.drill_failures_total as f64),
-            ),
-            (
-                "tidemark_check_status",
-                "gauge",
-                "Result of the daemon's last health check: 0 OK, 1 warning, 2 critical.",
-                |m| m.check_status.map(f64::from),
-            ),
-            (
-                "tidemark_audit_pending_records",
-                "gauge",
-                "Audit records written on this host and not yet uploaded.",
-                |m| Some(m.audit_pending as f64),
-            ),
-        ];
-        for (name, kind, help, get) in gauges {
+        self.render_cluster_families(&mut o);
+        self.render_wal_push_histogram(&mut o);
+        self.render_repository_up(&mut o);
+        for (name, kind, help, get) in DAEMON_FAMILIES {
+            o.head(name, kind, help);
+            o.val(name, "", get(self));
+        }
+        o.text
+    }
+
+    fn render_cluster_families(&self, o: &mut Out) {
+        for (name, kind, help, get) in CLUSTER_FAMILIES {
             let rows: Vec<(String, f64)> = self
                 .clusters
                 .iter()
@@ -294,7 +360,11 @@ impl Registry {
                 o.val(name, &format!("cluster=\"{}\"", label(&c)), v);
             }
         }
-        let hist = "tidemark_wal_push_duration_seconds";
+    }
+
+    /// Cumulative buckets, then +Inf, _sum and _count, per cluster (the head even with none).
+    fn render_wal_push_histogram(&self, o: &mut Out) {
+        let hist = WAL_PUSH_HISTOGRAM;
         o.head(
             hist,
             "histogram",
@@ -333,6 +403,9 @@ impl Registry {
                 cum as f64,
             );
         }
+    }
+
+    fn render_repository_up(&self, o: &mut Out) {
         if let Some(up) = self.repository_up {
             o.head(
                 "tidemark_repository_up",
@@ -341,55 +414,6 @@ impl Registry {
             );
             o.val("tidemark_repository_up", "", if up { 1.0 } else { 0.0 });
         }
-        let globals: [(&str, &str, &str, f64); 7] = [
-            (
-                "tidemark_daemon_start_timestamp_seconds",
-                "gauge",
-                "When the daemon started.",
-                self.started,
-            ),
-            (
-                "tidemark_config_reloads_total",
-                "counter",
-                "Configurations accepted on SIGHUP.",
-                self.reloads_total as f64,
-            ),
-            (
-                "tidemark_config_reload_failures_total",
-                "counter",
-                "Configurations rejected on SIGHUP (the old one stays).",
-                self.reload_failures_total as f64,
-            ),
-            (
-                "tidemark_alerts_sent_total",
-                "counter",
-                "Alert notifications delivered.",
-                self.alerts_sent_total as f64,
-            ),
-            (
-                "tidemark_alert_delivery_failures_total",
-                "counter",
-                "Alert notifications that could not be delivered.",
-                self.alert_delivery_failures_total as f64,
-            ),
-            (
-                "tidemark_alerts_firing",
-                "gauge",
-                "Alert conditions currently firing.",
-                self.alerts_firing as f64,
-            ),
-            (
-                "tidemark_jobs_running",
-                "gauge",
-                "Backups, drills and expires running now.",
-                self.jobs_running as f64,
-            ),
-        ];
-        for (name, kind, help, v) in globals {
-            o.head(name, kind, help);
-            o.val(name, "", v);
-        }
-        o.text
     }
 }
 

@@ -3,6 +3,8 @@
 //! stays down loses notifications after the retries (logged, counted in
 //! tidemark_alert_delivery_failures_total); it never blocks the daemon.
 
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -26,6 +28,51 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// Why a notification target could not be set up or a delivery failed. Setup errors
+/// (`CaFile*`, `Tls`) reject the config; delivery errors are retried ATTEMPTS times, whatever
+/// they are. No message prints the webhook URL: it may hold a token.
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error("alerts.webhook_ca_file {}: {source}", .path.display())]
+    CaFileUnreadable {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("alerts.webhook_ca_file {}: {source}", .path.display())]
+    CaFileCertificate {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("alerts.webhook_ca_file {}: no certificate in it", .path.display())]
+    CaFileEmpty { path: PathBuf },
+    #[error("TLS setup: {0}")]
+    Tls(rustls::Error),
+    #[error("webhook_url is not a valid request URL")]
+    InvalidWebhookUrl,
+    #[error("webhook: no response within {0:?}")]
+    WebhookTimeout(Duration),
+    /// The client error's chain, which names the failure (connect refused, TLS), not the URL.
+    #[error("webhook: {0}")]
+    WebhookRequest(String),
+    #[error("webhook answered HTTP {0}")]
+    WebhookStatus(hyper::StatusCode),
+    #[error("alerts.command is empty")]
+    EmptyCommand,
+    #[error("alerts.command {program}: {source}")]
+    Command {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("alerts.command {program}: still running after {timeout:?}")]
+    CommandTimeout { program: String, timeout: Duration },
+    #[error("alerts.command {program} exited with {status}: {stderr_last_line}")]
+    CommandFailed {
+        program: String,
+        status: ExitStatus,
+        stderr_last_line: String,
+    },
+}
+
 #[derive(Clone)]
 pub struct Targets {
     webhook: Option<(SecretString, HttpsClient)>,
@@ -41,9 +88,9 @@ pub struct DeliveryCounters {
 impl Targets {
     pub fn new(
         webhook_url: Option<&SecretString>,
-        ca_file: Option<&std::path::Path>,
+        ca_file: Option<&Path>,
         command: Option<&Vec<String>>,
-    ) -> Result<Targets, String> {
+    ) -> Result<Targets, NotifyError> {
         let webhook = match webhook_url {
             None => None,
             Some(url) => Some((url.clone(), https_client(ca_file)?)),
@@ -59,28 +106,37 @@ impl Targets {
     }
 }
 
-fn https_client(ca_file: Option<&std::path::Path>) -> Result<HttpsClient, String> {
+fn https_client(ca_file: Option<&Path>) -> Result<HttpsClient, NotifyError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for c in native.certs {
         let _ = roots.add(c);
     }
     if let Some(path) = ca_file {
-        let err =
-            |e: &dyn std::fmt::Display| format!("alerts.webhook_ca_file {}: {e}", path.display());
+        let unreadable = |source| NotifyError::CaFileUnreadable {
+            path: path.to_path_buf(),
+            source,
+        };
         let mut n = 0;
-        for c in CertificateDer::pem_file_iter(path).map_err(|e| err(&e))? {
-            roots.add(c.map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+        for c in CertificateDer::pem_file_iter(path).map_err(unreadable)? {
+            roots
+                .add(c.map_err(unreadable)?)
+                .map_err(|source| NotifyError::CaFileCertificate {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
             n += 1;
         }
         if n == 0 {
-            return Err(err(&"no certificate in it"));
+            return Err(NotifyError::CaFileEmpty {
+                path: path.to_path_buf(),
+            });
         }
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
+        .map_err(NotifyError::Tls)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
@@ -140,7 +196,7 @@ pub async fn deliver(t: &Targets, n: &Notification) -> bool {
 async fn retry<F, Fut>(what: &str, n: &Notification, mut f: F) -> bool
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
+    Fut: std::future::Future<Output = Result<(), NotifyError>>,
 {
     let mut wait = Duration::from_secs(1);
     for attempt in 1..=ATTEMPTS {
@@ -162,7 +218,7 @@ where
     false
 }
 
-async fn post(client: &HttpsClient, url: &SecretString, body: Vec<u8>) -> Result<(), String> {
+async fn post(client: &HttpsClient, url: &SecretString, body: Vec<u8>) -> Result<(), NotifyError> {
     // Errors never print the URL: it may hold a token.
     let req = hyper::Request::post(url.expose_secret())
         .header("content-type", "application/json")
@@ -171,18 +227,18 @@ async fn post(client: &HttpsClient, url: &SecretString, body: Vec<u8>) -> Result
             concat!("tidemark/", env!("CARGO_PKG_VERSION")),
         )
         .body(Full::new(Bytes::from(body)))
-        .map_err(|_| "webhook_url is not a valid request URL".to_string())?;
+        .map_err(|_| NotifyError::InvalidWebhookUrl)?;
     let resp = tokio::time::timeout(ATTEMPT_TIMEOUT, client.request(req))
         .await
-        .map_err(|_| format!("webhook: no response within {ATTEMPT_TIMEOUT:?}"))?
-        .map_err(|e| format!("webhook: {}", redact_error(&e)))?;
+        .map_err(|_| NotifyError::WebhookTimeout(ATTEMPT_TIMEOUT))?
+        .map_err(|e| NotifyError::WebhookRequest(redact_error(&e)))?;
     let status = resp.status();
     // Drain the body so the connection can be reused.
     let _ = tokio::time::timeout(ATTEMPT_TIMEOUT, resp.into_body().collect()).await;
     if status.is_success() {
         Ok(())
     } else {
-        Err(format!("webhook answered HTTP {status}"))
+        Err(NotifyError::WebhookStatus(status))
     }
 }
 
@@ -197,8 +253,12 @@ fn redact_error(e: &hyper_util::client::legacy::Error) -> String {
     s
 }
 
-async fn run_command(cmd: &[String], n: &Notification, body: Vec<u8>) -> Result<(), String> {
-    let (program, args) = cmd.split_first().ok_or("alerts.command is empty")?;
+async fn run_command(cmd: &[String], n: &Notification, body: Vec<u8>) -> Result<(), NotifyError> {
+    let (program, args) = cmd.split_first().ok_or(NotifyError::EmptyCommand)?;
+    let io_error = |source| NotifyError::Command {
+        program: program.clone(),
+        source,
+    };
     let mut c = tokio::process::Command::new(program);
     c.args(args)
         .env("TIDEMARK_ALERT_CLUSTER", &n.cluster)
@@ -211,24 +271,25 @@ async fn run_command(cmd: &[String], n: &Notification, body: Vec<u8>) -> Result<
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
-    let mut child = c
-        .spawn()
-        .map_err(|e| format!("alerts.command {program}: {e}"))?;
+    let mut child = c.spawn().map_err(io_error)?;
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(&body).await;
     }
     let out = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
         .await
-        .map_err(|_| format!("alerts.command {program}: still running after {COMMAND_TIMEOUT:?}"))?
-        .map_err(|e| format!("alerts.command {program}: {e}"))?;
+        .map_err(|_| NotifyError::CommandTimeout {
+            program: program.clone(),
+            timeout: COMMAND_TIMEOUT,
+        })?
+        .map_err(io_error)?;
     if out.status.success() {
         Ok(())
     } else {
         let err = String::from_utf8_lossy(&out.stderr);
-        Err(format!(
-            "alerts.command {program} exited with {}: {}",
-            out.status,
-            err.lines().last().unwrap_or("")
-        ))
+        Err(NotifyError::CommandFailed {
+            program: program.clone(),
+            status: out.status,
+            stderr_last_line: err.lines().last().unwrap_or("").to_string(),
+        })
     }
 }

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::pg::history::{self, HistoryEntry};
 use crate::pg::wal::{Lsn, WalFileKind, WalFileName, segment_name, segment_of};
@@ -26,7 +26,7 @@ pub struct ArchiveIndex {
     pub histories: HashMap<u32, Vec<HistoryEntry>>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BackupRange {
     pub backup: String,
     pub timeline: u32,
@@ -47,7 +47,7 @@ pub struct BackupRange {
 /// How many segments back from the end of a run to look for the last commit.
 pub const END_SCAN_SEGMENTS: usize = 64;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Window {
     pub timeline: u32,
     pub from: DateTime<Utc>,
