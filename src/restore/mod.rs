@@ -32,6 +32,8 @@ use crate::repo::manifest::BackupManifest;
 use crate::repo::window::{ArchiveIndex, BackupRange, Window};
 use crate::transfer;
 
+pub mod config;
+
 /// Where recovery should stop.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RecoveryTarget {
