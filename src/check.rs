@@ -1,6 +1,7 @@
 //! `tidemark check`: a health check for monitoring systems (Nagios convention: exit 0 OK,
 //! 1 warning, 2 critical). Every check runs, even after one failed, and reports one line.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -9,7 +10,11 @@ use secrecy::ExposeSecret;
 use serde::Serialize;
 
 use crate::cluster::ClusterHandle;
+use crate::pg::conn::Session;
 use crate::pg::wal::{Lsn, WalFileName, segment_of};
+use crate::pipeline::Keyring;
+use crate::repo::ClusterInfo;
+use crate::repo::manifest::BackupManifest;
 use crate::repo::walindex::{gaps_from, summarise};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -95,266 +100,58 @@ fn crit(name: &'static str, message: String) -> CheckResult {
     }
 }
 
+/// Runs every check, in this order, each reporting one line; a check that needs what an
+/// earlier one could not get (the repository's info, the keyring, a server session) is left
+/// out.
 pub async fn check(cluster: &ClusterHandle, opts: &CheckOptions) -> CheckReport {
     let mut checks = Vec::new();
-    let store = cluster.repo.store();
-
-    // 1. Repository reachable, initialised and writable.
-    let info = match cluster.repo.read_info().await {
-        Ok(info) => Some(info),
-        Err(e) => {
-            checks.push(crit("repository", e.to_string()));
-            None
-        }
-    };
-    if info.is_some() {
-        let mut rnd = [0u8; 6];
-        let _ = crate::pipeline::keys::random_bytes(&mut rnd);
-        let probe = cluster
-            .repo
-            .key(&format!("check/probe-{}", hex::encode(rnd)));
-        let res = async {
-            store
-                .put_bytes(&probe, Bytes::from_static(b"tidemark check"))
-                .await?;
-            store.delete(&probe).await
-        }
-        .await;
-        checks.push(match res {
-            Ok(()) => ok(
-                "repository",
-                format!("{} reachable and writable", store.describe()),
-            ),
-            Err(e) => crit("repository", format!("not writable: {e}")),
-        });
-    }
-
-    // 2. Keys.
+    let (result, info) = repository(cluster).await;
+    checks.push(result);
     let keyring = match &info {
-        Some(info) => match cluster.keyring(info).await {
-            Ok(k) => {
-                checks.push(ok("keys", "master key opens the keyring".into()));
-                Some(k)
-            }
-            Err(e) => {
-                checks.push(crit("keys", e.to_string()));
-                None
-            }
-        },
+        Some(info) => {
+            let (result, keyring) = keys(cluster, info).await;
+            checks.push(result);
+            keyring
+        }
         None => None,
     };
-
-    // 3. PostgreSQL.
-    let client = match &cluster.config.connection {
-        None => {
-            checks.push(warn(
-                "postgres",
-                format!(
-                    "clusters.{}.connection is not set: server checks skipped",
-                    cluster.name
-                ),
-            ));
-            None
-        }
-        Some(conninfo) => match crate::pg::conn::connect(conninfo.expose_secret()).await {
-            Err(e) => {
-                checks.push(crit("postgres", e));
-                None
-            }
-            Ok(c) => {
-                match (crate::pg::conn::identify(&c).await, &info) {
-                    (Ok(id), Some(info))
-                        if info.system_identifier().ok() != Some(id.system_identifier) =>
-                    {
-                        checks.push(crit(
-                            "postgres",
-                            format!(
-                                "server is system {}, the repository is for system {}",
-                                id.system_identifier, info.system_identifier
-                            ),
-                        ));
-                    }
-                    (Ok(id), _) => checks.push(ok(
-                        "postgres",
-                        format!("reachable, PostgreSQL {}", id.version_num),
-                    )),
-                    (Err(e), _) => checks.push(crit("postgres", e)),
-                }
-                Some(c)
-            }
-        },
-    };
-
-    // 4. archive_mode and archive_command.
+    let (result, client) = postgres(cluster, info.as_ref()).await;
+    checks.push(result);
     let mut archiving_configured = false;
     if let Some(c) = &client {
-        match c
-            .query_one(
-                "select current_setting('archive_mode'), current_setting('archive_command')",
-                &[],
-            )
-            .await
-        {
-            Ok(row) => {
-                let mode: String = row.get(0);
-                let cmd: String = row.get(1);
-                if mode == "off" {
-                    checks.push(crit(
-                        "archive_command",
-                        "archive_mode is off: no WAL is archived".into(),
-                    ));
-                } else if !(cmd.contains("tidemark")
-                    && cmd.contains("wal-push")
-                    && cmd.contains("%p"))
-                {
-                    // Not the command itself: it may carry credentials (PGPASSWORD=..., another
-                    // tool's keys), and this message goes to logs and alert receivers.
-                    let missing: Vec<&str> = ["tidemark", "wal-push", "%p"]
-                        .into_iter()
-                        .filter(|w| !cmd.contains(w))
-                        .collect();
-                    checks.push(crit(
-                        "archive_command",
-                        format!(
-                            "archive_command does not run tidemark wal-push %p (it lacks {})",
-                            missing.join(", ")
-                        ),
-                    ));
-                } else {
-                    checks.push(ok("archive_command", "runs tidemark wal-push".into()));
-                    archiving_configured = true;
-                }
-            }
-            Err(e) => checks.push(crit("archive_command", format!("reading settings: {e}"))),
-        }
+        let (result, configured) = archive_command(c).await;
+        checks.push(result);
+        archiving_configured = configured;
     }
-
-    // 5. End to end: force a WAL switch and wait for the segment in the repository.
     if let (Some(c), Some(_), true, true) = (&client, &info, archiving_configured, opts.switch_wal)
     {
         checks.push(archive_end_to_end(cluster, c, opts.archive_timeout).await);
     }
-
-    // 6. Archive lag.
     if let Some(c) = &client {
         checks.push(archive_lag(cluster, c).await);
     }
-
-    // 7. Last backup age and 8. WAL gaps inside the window.
+    // The catalog's checks share its manifests; without them only the failure to read is said.
     if let (Some(info), Some(keyring), true) = (&info, &keyring, opts.catalog) {
         match cluster.repo.load_manifests(info, keyring).await {
             Err(e) => checks.push(crit("backup", format!("reading backups: {e}"))),
             Ok(backups) => {
-                match backups.iter().map(|b| b.stop_time).max() {
-                    None => checks.push(crit("backup", "no complete backup".into())),
-                    Some(t) => {
-                        let age = (Utc::now() - t).to_std().unwrap_or_default();
-                        let mut r = if age > cluster.alerts.backup_age_critical {
-                            crit(
-                                "backup",
-                                format!(
-                                    "newest backup ended {} ago (limit {})",
-                                    humantime::format_duration(round(age)),
-                                    humantime::format_duration(cluster.alerts.backup_age_critical)
-                                ),
-                            )
-                        } else {
-                            ok(
-                                "backup",
-                                format!(
-                                    "newest backup ended {} ago",
-                                    humantime::format_duration(round(age))
-                                ),
-                            )
-                        };
-                        r.value = Some(age.as_secs_f64());
-                        checks.push(r);
-                    }
-                }
+                checks.push(backup_age(cluster, &backups));
                 if let (Some(c), Some(pgdata)) = (&client, &cluster.config.pgdata) {
                     checks.push(configuration_held(c, pgdata, &backups).await);
                 }
-                match cluster.repo.list_wal().await {
-                    Err(e) => checks.push(crit("wal_gaps", e.to_string())),
-                    Ok((files, strays)) => {
-                        let ss = info.wal_segment_size;
-                        let oldest_start = backups
-                            .iter()
-                            .filter_map(|b| b.start_lsn.parse::<Lsn>().ok())
-                            .map(|l| segment_of(l, ss))
-                            .min();
-                        let summary = summarise(&files, strays, ss);
-                        let gaps: Vec<String> = gaps_from(&summary, oldest_start)
-                            .into_iter()
-                            .map(|(t, g)| format!("timeline {t}: {} .. {}", g.from, g.to))
-                            .collect();
-                        checks.push(if gaps.is_empty() {
-                            ok("wal_gaps", "no WAL gap inside the restorable window".into())
-                        } else {
-                            crit(
-                                "wal_gaps",
-                                format!(
-                                    "WAL missing inside the restorable window: {}",
-                                    gaps.join("; ")
-                                ),
-                            )
-                        });
-                    }
-                }
+                checks.push(wal_gaps(cluster, info, &backups).await);
             }
         }
     }
-
-    // The newest drill.
     if opts.catalog {
-        match crate::drill::history(cluster).await {
-            Ok(h) => match h.last() {
-                Some(d) if !d.ok => checks.push(warn(
-                    "drill",
-                    format!(
-                        "the newest drill {} ({}) failed: {}",
-                        d.id,
-                        d.started.format("%Y-%m-%d %H:%M:%S+00"),
-                        d.error.as_deref().unwrap_or("a check failed")
-                    ),
-                )),
-                Some(d) => checks.push(ok(
-                    "drill",
-                    format!(
-                        "the newest drill {} ({}) passed",
-                        d.id,
-                        d.started.format("%Y-%m-%d %H:%M:%S+00")
-                    ),
-                )),
-                None => {}
-            },
-            Err(e) => checks.push(warn("drill", format!("reading drill records: {e}"))),
-        }
+        checks.extend(newest_drill(cluster).await);
     }
-
-    // 9. Free space where PostgreSQL writes WAL.
     if let Some(pgdata) = &cluster.config.pgdata {
         checks.push(pg_wal_space(&pgdata.join("pg_wal")));
     }
-
-    // 10. Audit records this host could not upload yet.
     if let Some(info) = &info {
-        let (pending, oldest) = crate::audit::pending(cluster, info);
-        let mut r = match oldest {
-            Some(t) if Utc::now() - t > chrono::Duration::minutes(5) => warn(
-                "audit",
-                format!(
-                    "{pending} audit record(s) not uploaded to the repository since {}",
-                    t.format("%Y-%m-%d %H:%M:%S+00")
-                ),
-            ),
-            _ if pending > 0 => ok("audit", format!("{pending} audit record(s) being uploaded")),
-            _ => ok("audit", "audit log uploaded".into()),
-        };
-        r.value = Some(pending as f64);
-        checks.push(r);
+        checks.push(audit_uploaded(cluster, info));
     }
-
     if let Some(c) = client {
         c.close().await;
     }
@@ -366,13 +163,244 @@ pub async fn check(cluster: &ClusterHandle, opts: &CheckOptions) -> CheckReport 
     }
 }
 
+/// The repository is reachable, initialised and writable (a probe object written and
+/// deleted). Its info, when it could be read.
+async fn repository(cluster: &ClusterHandle) -> (CheckResult, Option<ClusterInfo>) {
+    let info = match cluster.repo.read_info().await {
+        Ok(info) => info,
+        Err(e) => return (crit("repository", e.to_string()), None),
+    };
+    let store = cluster.repo.store();
+    let mut rnd = [0u8; 6];
+    let _ = crate::pipeline::keys::random_bytes(&mut rnd);
+    let probe = cluster
+        .repo
+        .key(&format!("check/probe-{}", hex::encode(rnd)));
+    let res = async {
+        store
+            .put_bytes(&probe, Bytes::from_static(b"tidemark check"))
+            .await?;
+        store.delete(&probe).await
+    }
+    .await;
+    let result = match res {
+        Ok(()) => ok(
+            "repository",
+            format!("{} reachable and writable", store.describe()),
+        ),
+        Err(e) => crit("repository", format!("not writable: {e}")),
+    };
+    (result, Some(info))
+}
+
+/// The master key opens the keyring.
+async fn keys(cluster: &ClusterHandle, info: &ClusterInfo) -> (CheckResult, Option<Arc<Keyring>>) {
+    match cluster.keyring(info).await {
+        Ok(k) => (ok("keys", "master key opens the keyring".into()), Some(k)),
+        Err(e) => (crit("keys", e.to_string()), None),
+    }
+}
+
+/// The server answers and is the system the repository is for. The session, when there is
+/// one, for the server checks that follow.
+async fn postgres(
+    cluster: &ClusterHandle,
+    info: Option<&ClusterInfo>,
+) -> (CheckResult, Option<Session>) {
+    let Some(conninfo) = &cluster.config.connection else {
+        let result = warn(
+            "postgres",
+            format!(
+                "clusters.{}.connection is not set: server checks skipped",
+                cluster.name
+            ),
+        );
+        return (result, None);
+    };
+    let c = match crate::pg::conn::connect(conninfo.expose_secret()).await {
+        Ok(c) => c,
+        Err(e) => return (crit("postgres", e), None),
+    };
+    let result = match (crate::pg::conn::identify(&c).await, info) {
+        (Ok(id), Some(info)) if info.system_identifier().ok() != Some(id.system_identifier) => {
+            crit(
+                "postgres",
+                format!(
+                    "server is system {}, the repository is for system {}",
+                    id.system_identifier, info.system_identifier
+                ),
+            )
+        }
+        (Ok(id), _) => ok(
+            "postgres",
+            format!("reachable, PostgreSQL {}", id.version_num),
+        ),
+        (Err(e), _) => crit("postgres", e),
+    };
+    (result, Some(c))
+}
+
+/// archive_mode is on and archive_command runs tidemark wal-push; true when both hold.
+async fn archive_command(c: &tokio_postgres::Client) -> (CheckResult, bool) {
+    let row = c
+        .query_one(
+            "select current_setting('archive_mode'), current_setting('archive_command')",
+            &[],
+        )
+        .await;
+    let (mode, cmd): (String, String) = match row {
+        Ok(row) => (row.get(0), row.get(1)),
+        Err(e) => {
+            return (
+                crit("archive_command", format!("reading settings: {e}")),
+                false,
+            );
+        }
+    };
+    if mode == "off" {
+        return (
+            crit(
+                "archive_command",
+                "archive_mode is off: no WAL is archived".into(),
+            ),
+            false,
+        );
+    }
+    if !(cmd.contains("tidemark") && cmd.contains("wal-push") && cmd.contains("%p")) {
+        // Not the command itself: it may carry credentials (PGPASSWORD=..., another
+        // tool's keys), and this message goes to logs and alert receivers.
+        let missing: Vec<&str> = ["tidemark", "wal-push", "%p"]
+            .into_iter()
+            .filter(|w| !cmd.contains(w))
+            .collect();
+        let result = crit(
+            "archive_command",
+            format!(
+                "archive_command does not run tidemark wal-push %p (it lacks {})",
+                missing.join(", ")
+            ),
+        );
+        return (result, false);
+    }
+    (ok("archive_command", "runs tidemark wal-push".into()), true)
+}
+
+/// The newest backup's age, against the alert limit.
+fn backup_age(cluster: &ClusterHandle, backups: &[BackupManifest]) -> CheckResult {
+    let Some(t) = backups.iter().map(|b| b.stop_time).max() else {
+        return crit("backup", "no complete backup".into());
+    };
+    let age = (Utc::now() - t).to_std().unwrap_or_default();
+    let mut r = if age > cluster.alerts.backup_age_critical {
+        crit(
+            "backup",
+            format!(
+                "newest backup ended {} ago (limit {})",
+                humantime::format_duration(round(age)),
+                humantime::format_duration(cluster.alerts.backup_age_critical)
+            ),
+        )
+    } else {
+        ok(
+            "backup",
+            format!(
+                "newest backup ended {} ago",
+                humantime::format_duration(round(age))
+            ),
+        )
+    };
+    r.value = Some(age.as_secs_f64());
+    r
+}
+
+/// No WAL missing from the oldest backup's start on.
+async fn wal_gaps(
+    cluster: &ClusterHandle,
+    info: &ClusterInfo,
+    backups: &[BackupManifest],
+) -> CheckResult {
+    let (files, strays) = match cluster.repo.list_wal().await {
+        Ok(listing) => listing,
+        Err(e) => return crit("wal_gaps", e.to_string()),
+    };
+    let ss = info.wal_segment_size;
+    let oldest_start = backups
+        .iter()
+        .filter_map(|b| b.start_lsn.parse::<Lsn>().ok())
+        .map(|l| segment_of(l, ss))
+        .min();
+    let summary = summarise(&files, strays, ss);
+    let gaps: Vec<String> = gaps_from(&summary, oldest_start)
+        .into_iter()
+        .map(|(t, g)| format!("timeline {t}: {} .. {}", g.from, g.to))
+        .collect();
+    if gaps.is_empty() {
+        ok("wal_gaps", "no WAL gap inside the restorable window".into())
+    } else {
+        crit(
+            "wal_gaps",
+            format!(
+                "WAL missing inside the restorable window: {}",
+                gaps.join("; ")
+            ),
+        )
+    }
+}
+
+/// The newest drill passed (nothing when there was none).
+async fn newest_drill(cluster: &ClusterHandle) -> Option<CheckResult> {
+    let history = match crate::drill::history(cluster).await {
+        Ok(h) => h,
+        Err(e) => return Some(warn("drill", format!("reading drill records: {e}"))),
+    };
+    let d = history.last()?;
+    Some(if !d.ok {
+        warn(
+            "drill",
+            format!(
+                "the newest drill {} ({}) failed: {}",
+                d.id,
+                d.started.format("%Y-%m-%d %H:%M:%S+00"),
+                d.error.as_deref().unwrap_or("a check failed")
+            ),
+        )
+    } else {
+        ok(
+            "drill",
+            format!(
+                "the newest drill {} ({}) passed",
+                d.id,
+                d.started.format("%Y-%m-%d %H:%M:%S+00")
+            ),
+        )
+    })
+}
+
+/// Audit records this host could not upload yet (a warning once the oldest waits 5 minutes).
+fn audit_uploaded(cluster: &ClusterHandle, info: &ClusterInfo) -> CheckResult {
+    let (pending, oldest) = crate::audit::pending(cluster, info);
+    let mut r = match oldest {
+        Some(t) if Utc::now() - t > chrono::Duration::minutes(5) => warn(
+            "audit",
+            format!(
+                "{pending} audit record(s) not uploaded to the repository since {}",
+                t.format("%Y-%m-%d %H:%M:%S+00")
+            ),
+        ),
+        _ if pending > 0 => ok("audit", format!("{pending} audit record(s) being uploaded")),
+        _ => ok("audit", "audit log uploaded".into()),
+    };
+    r.value = Some(pending as f64);
+    r
+}
+
 /// Whether the newest backup holds the configuration the server reads from outside its data
 /// directory (Debian's /etc/postgresql/...): without it a restore cannot start as the cluster
 /// runs now.
 async fn configuration_held(
     client: &tokio_postgres::Client,
     pgdata: &std::path::Path,
-    backups: &[crate::repo::manifest::BackupManifest],
+    backups: &[BackupManifest],
 ) -> CheckResult {
     let now = crate::pg::conffiles::discover(client, pgdata).await;
     if now.config_file.is_empty() {
