@@ -1,209 +1,21 @@
-//! `tidemark check`: a health check for monitoring systems (Nagios convention: exit 0 OK,
-//! 1 warning, 2 critical). Every check runs, even after one failed, and reports one line.
+//! The checks of the PostgreSQL server: reachable and the right system, archive_command,
+//! a forced WAL switch arriving in the repository, archive lag, the configuration held by
+//! the newest backup, free space where pg_wal lives.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use chrono::Utc;
 use secrecy::ExposeSecret;
-use serde::Serialize;
 
+use super::{CheckResult, crit, ok, round, warn};
 use crate::cluster::ClusterHandle;
 use crate::pg::conn::Session;
-use crate::pg::wal::{Lsn, WalFileName, segment_of};
-use crate::pipeline::Keyring;
+use crate::pg::wal::{Lsn, WalFileName};
 use crate::repo::ClusterInfo;
 use crate::repo::manifest::BackupManifest;
-use crate::repo::walindex::{gaps_from, summarise};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Ok,
-    Warning,
-    Critical,
-}
-
-impl Status {
-    pub fn exit_code(self) -> u8 {
-        match self {
-            Status::Ok => 0,
-            Status::Warning => 1,
-            Status::Critical => 2,
-        }
-    }
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Status::Ok => "OK",
-            Status::Warning => "WARNING",
-            Status::Critical => "CRITICAL",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct CheckResult {
-    pub name: &'static str,
-    pub status: Status,
-    pub message: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub value: Option<f64>,
-    /// archive_lag: WAL bytes written and not yet archived.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bytes: Option<u64>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct CheckReport {
-    pub cluster: String,
-    pub status: Status,
-    pub checks: Vec<CheckResult>,
-}
-
-#[derive(Debug, Clone)]
-pub struct CheckOptions {
-    /// Force a WAL switch and wait for the segment to arrive in the repository.
-    pub switch_wal: bool,
-    pub archive_timeout: Duration,
-    /// Read the catalog too: newest backup's age and WAL gaps (the daemon checks those on its
-    /// slower catalog schedule).
-    pub catalog: bool,
-}
-
-fn ok(name: &'static str, message: String) -> CheckResult {
-    CheckResult {
-        name,
-        status: Status::Ok,
-        message,
-        value: None,
-        bytes: None,
-    }
-}
-fn warn(name: &'static str, message: String) -> CheckResult {
-    CheckResult {
-        name,
-        status: Status::Warning,
-        message,
-        value: None,
-        bytes: None,
-    }
-}
-fn crit(name: &'static str, message: String) -> CheckResult {
-    CheckResult {
-        name,
-        status: Status::Critical,
-        message,
-        value: None,
-        bytes: None,
-    }
-}
-
-/// Runs every check, in this order, each reporting one line; a check that needs what an
-/// earlier one could not get (the repository's info, the keyring, a server session) is left
-/// out.
-pub async fn check(cluster: &ClusterHandle, opts: &CheckOptions) -> CheckReport {
-    let mut checks = Vec::new();
-    let (result, info) = repository(cluster).await;
-    checks.push(result);
-    let keyring = match &info {
-        Some(info) => {
-            let (result, keyring) = keys(cluster, info).await;
-            checks.push(result);
-            keyring
-        }
-        None => None,
-    };
-    let (result, client) = postgres(cluster, info.as_ref()).await;
-    checks.push(result);
-    let mut archiving_configured = false;
-    if let Some(c) = &client {
-        let (result, configured) = archive_command(c).await;
-        checks.push(result);
-        archiving_configured = configured;
-    }
-    if let (Some(c), Some(_), true, true) = (&client, &info, archiving_configured, opts.switch_wal)
-    {
-        checks.push(archive_end_to_end(cluster, c, opts.archive_timeout).await);
-    }
-    if let Some(c) = &client {
-        checks.push(archive_lag(cluster, c).await);
-    }
-    // The catalog's checks share its manifests; without them only the failure to read is said.
-    if let (Some(info), Some(keyring), true) = (&info, &keyring, opts.catalog) {
-        match cluster.repo.load_manifests(info, keyring).await {
-            Err(e) => checks.push(crit("backup", format!("reading backups: {e}"))),
-            Ok(backups) => {
-                checks.push(backup_age(cluster, &backups));
-                if let (Some(c), Some(pgdata)) = (&client, &cluster.config.pgdata) {
-                    checks.push(configuration_held(c, pgdata, &backups).await);
-                }
-                checks.push(wal_gaps(cluster, info, &backups).await);
-            }
-        }
-    }
-    if opts.catalog {
-        checks.extend(newest_drill(cluster).await);
-    }
-    if let Some(pgdata) = &cluster.config.pgdata {
-        checks.push(pg_wal_space(&pgdata.join("pg_wal")));
-    }
-    if let Some(info) = &info {
-        checks.push(audit_uploaded(cluster, info));
-    }
-    if let Some(c) = client {
-        c.close().await;
-    }
-    let status = checks.iter().map(|c| c.status).max().unwrap_or(Status::Ok);
-    CheckReport {
-        cluster: cluster.name.clone(),
-        status,
-        checks,
-    }
-}
-
-/// The repository is reachable, initialised and writable (a probe object written and
-/// deleted). Its info, when it could be read.
-async fn repository(cluster: &ClusterHandle) -> (CheckResult, Option<ClusterInfo>) {
-    let info = match cluster.repo.read_info().await {
-        Ok(info) => info,
-        Err(e) => return (crit("repository", e.to_string()), None),
-    };
-    let store = cluster.repo.store();
-    let mut rnd = [0u8; 6];
-    let _ = crate::pipeline::keys::random_bytes(&mut rnd);
-    let probe = cluster
-        .repo
-        .key(&format!("check/probe-{}", hex::encode(rnd)));
-    let res = async {
-        store
-            .put_bytes(&probe, Bytes::from_static(b"tidemark check"))
-            .await?;
-        store.delete(&probe).await
-    }
-    .await;
-    let result = match res {
-        Ok(()) => ok(
-            "repository",
-            format!("{} reachable and writable", store.describe()),
-        ),
-        Err(e) => crit("repository", format!("not writable: {e}")),
-    };
-    (result, Some(info))
-}
-
-/// The master key opens the keyring.
-async fn keys(cluster: &ClusterHandle, info: &ClusterInfo) -> (CheckResult, Option<Arc<Keyring>>) {
-    match cluster.keyring(info).await {
-        Ok(k) => (ok("keys", "master key opens the keyring".into()), Some(k)),
-        Err(e) => (crit("keys", e.to_string()), None),
-    }
-}
 
 /// The server answers and is the system the repository is for. The session, when there is
 /// one, for the server checks that follow.
-async fn postgres(
+pub(super) async fn postgres(
     cluster: &ClusterHandle,
     info: Option<&ClusterInfo>,
 ) -> (CheckResult, Option<Session>) {
@@ -241,7 +53,7 @@ async fn postgres(
 }
 
 /// archive_mode is on and archive_command runs tidemark wal-push; true when both hold.
-async fn archive_command(c: &tokio_postgres::Client) -> (CheckResult, bool) {
+pub(super) async fn archive_command(c: &tokio_postgres::Client) -> (CheckResult, bool) {
     let row = c
         .query_one(
             "select current_setting('archive_mode'), current_setting('archive_command')",
@@ -285,119 +97,10 @@ async fn archive_command(c: &tokio_postgres::Client) -> (CheckResult, bool) {
     (ok("archive_command", "runs tidemark wal-push".into()), true)
 }
 
-/// The newest backup's age, against the alert limit.
-fn backup_age(cluster: &ClusterHandle, backups: &[BackupManifest]) -> CheckResult {
-    let Some(t) = backups.iter().map(|b| b.stop_time).max() else {
-        return crit("backup", "no complete backup".into());
-    };
-    let age = (Utc::now() - t).to_std().unwrap_or_default();
-    let mut r = if age > cluster.alerts.backup_age_critical {
-        crit(
-            "backup",
-            format!(
-                "newest backup ended {} ago (limit {})",
-                humantime::format_duration(round(age)),
-                humantime::format_duration(cluster.alerts.backup_age_critical)
-            ),
-        )
-    } else {
-        ok(
-            "backup",
-            format!(
-                "newest backup ended {} ago",
-                humantime::format_duration(round(age))
-            ),
-        )
-    };
-    r.value = Some(age.as_secs_f64());
-    r
-}
-
-/// No WAL missing from the oldest backup's start on.
-async fn wal_gaps(
-    cluster: &ClusterHandle,
-    info: &ClusterInfo,
-    backups: &[BackupManifest],
-) -> CheckResult {
-    let (files, strays) = match cluster.repo.list_wal().await {
-        Ok(listing) => listing,
-        Err(e) => return crit("wal_gaps", e.to_string()),
-    };
-    let ss = info.wal_segment_size;
-    let oldest_start = backups
-        .iter()
-        .filter_map(|b| b.start_lsn.parse::<Lsn>().ok())
-        .map(|l| segment_of(l, ss))
-        .min();
-    let summary = summarise(&files, strays, ss);
-    let gaps: Vec<String> = gaps_from(&summary, oldest_start)
-        .into_iter()
-        .map(|(t, g)| format!("timeline {t}: {} .. {}", g.from, g.to))
-        .collect();
-    if gaps.is_empty() {
-        ok("wal_gaps", "no WAL gap inside the restorable window".into())
-    } else {
-        crit(
-            "wal_gaps",
-            format!(
-                "WAL missing inside the restorable window: {}",
-                gaps.join("; ")
-            ),
-        )
-    }
-}
-
-/// The newest drill passed (nothing when there was none).
-async fn newest_drill(cluster: &ClusterHandle) -> Option<CheckResult> {
-    let history = match crate::drill::history(cluster).await {
-        Ok(h) => h,
-        Err(e) => return Some(warn("drill", format!("reading drill records: {e}"))),
-    };
-    let d = history.last()?;
-    Some(if !d.ok {
-        warn(
-            "drill",
-            format!(
-                "the newest drill {} ({}) failed: {}",
-                d.id,
-                d.started.format("%Y-%m-%d %H:%M:%S+00"),
-                d.error.as_deref().unwrap_or("a check failed")
-            ),
-        )
-    } else {
-        ok(
-            "drill",
-            format!(
-                "the newest drill {} ({}) passed",
-                d.id,
-                d.started.format("%Y-%m-%d %H:%M:%S+00")
-            ),
-        )
-    })
-}
-
-/// Audit records this host could not upload yet (a warning once the oldest waits 5 minutes).
-fn audit_uploaded(cluster: &ClusterHandle, info: &ClusterInfo) -> CheckResult {
-    let (pending, oldest) = crate::audit::pending(cluster, info);
-    let mut r = match oldest {
-        Some(t) if Utc::now() - t > chrono::Duration::minutes(5) => warn(
-            "audit",
-            format!(
-                "{pending} audit record(s) not uploaded to the repository since {}",
-                t.format("%Y-%m-%d %H:%M:%S+00")
-            ),
-        ),
-        _ if pending > 0 => ok("audit", format!("{pending} audit record(s) being uploaded")),
-        _ => ok("audit", "audit log uploaded".into()),
-    };
-    r.value = Some(pending as f64);
-    r
-}
-
 /// Whether the newest backup holds the configuration the server reads from outside its data
 /// directory (Debian's /etc/postgresql/...): without it a restore cannot start as the cluster
 /// runs now.
-async fn configuration_held(
+pub(super) async fn configuration_held(
     client: &tokio_postgres::Client,
     pgdata: &std::path::Path,
     backups: &[BackupManifest],
@@ -485,11 +188,7 @@ async fn configuration_held(
     )
 }
 
-fn round(d: Duration) -> Duration {
-    Duration::from_secs(d.as_secs())
-}
-
-async fn archive_end_to_end(
+pub(super) async fn archive_end_to_end(
     cluster: &ClusterHandle,
     c: &tokio_postgres::Client,
     timeout: Duration,
@@ -559,7 +258,10 @@ async fn archive_lag_bytes(c: &tokio_postgres::Client) -> Option<u64> {
     Some(current.0.saturating_sub((seg + 1) * seg_size))
 }
 
-async fn archive_lag(cluster: &ClusterHandle, c: &tokio_postgres::Client) -> CheckResult {
+pub(super) async fn archive_lag(
+    cluster: &ClusterHandle,
+    c: &tokio_postgres::Client,
+) -> CheckResult {
     let row = c
         .query_one(
             "select coalesce(extract(epoch from now() - min(modification)), 0)::float8, count(*) \
@@ -619,7 +321,7 @@ async fn archive_lag(cluster: &ClusterHandle, c: &tokio_postgres::Client) -> Che
     r
 }
 
-fn pg_wal_space(dir: &std::path::Path) -> CheckResult {
+pub(super) fn pg_wal_space(dir: &std::path::Path) -> CheckResult {
     use std::os::unix::ffi::OsStrExt;
     let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
         return warn("pg_wal_space", format!("{}: bad path", dir.display()));
