@@ -24,9 +24,6 @@ use crate::error::Error;
 use crate::pg::conffiles::{self, Graph, Role, Source, normalize, quote_conf, resolve};
 use crate::repo::manifest::{BackupManifest, ServerConfiguration};
 
-/// At the paths they had when this module was `crate::restore_config`.
-pub use super::server::{StartSettings, server_failure, start_settings};
-
 /// Where restore stages the configuration files' bytes (verified like every file) before they
 /// are placed; removed afterwards.
 pub const STAGING: &str = ".tidemark-config-staging";

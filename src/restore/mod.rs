@@ -45,6 +45,7 @@ mod target;
 
 pub use plan::{RestorePlan, StartPlan, TablespacePlacement, plan};
 pub use recovery::{RecoverySetting, RestoreCommand};
+pub use server::{StartSettings, server_failure, start_settings};
 pub use target::{
     RecoveryTarget, TargetSpec, TargetTimeline, parse_tablespace_map, parse_target,
     parse_target_time, parse_target_timeline,
