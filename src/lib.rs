@@ -22,9 +22,11 @@ pub mod pipeline;
 pub mod progress;
 pub mod repo;
 pub mod restore;
-pub mod restore_config;
 pub mod schedule;
 pub mod state;
 pub mod store;
 pub mod transfer;
 pub mod wal;
+
+/// Where `restore_config` was before it moved into `restore/`.
+pub use restore::config as restore_config;

@@ -1,5 +1,5 @@
-//! Puts a backup's configuration where a restored cluster can use it, and works out what a
-//! start of the restored copy needs.
+//! Puts a backup's configuration where a restored cluster can use it, and reads the settings
+//! the restored copy's files give (what a start then overrides is `restore::server`'s).
 //!
 //! Layout (docs/operations.md, "Debian and Ubuntu clusters"): the destination is the restored
 //! data directory, or `--config-dir`. The original `config_file` becomes
@@ -189,33 +189,18 @@ impl Source for Restored<'_> {
     }
 }
 
-/// Places the staged configuration files of `backup` and rewrites their paths. `owner` (uid,
-/// gid) gets what is created in a `--config-dir`.
+/// Places the staged configuration files of `backup` and rewrites their paths.
 pub fn place(
     backup: &BackupManifest,
     pgdata: &Path,
     config_dir: Option<&Path>,
 ) -> Result<ConfigReport, Error> {
-    let io = |p: &Path, e: std::io::Error| Error::LocalIo(format!("{}: {e}", p.display()));
     let mut report = ConfigReport {
         config_dir: config_dir.map(|d| d.display().to_string()),
         ..Default::default()
     };
     let Some(conf) = &backup.configuration else {
-        report.notes.push(format!(
-            "backup {} does not record the server's configuration (taken by an older tidemark): \
-             if the cluster keeps postgresql.conf, pg_hba.conf or included files outside its data \
-             directory, put them in place by hand",
-            backup.id
-        ));
-        missing_main_files(pgdata, &mut report);
-        if let Some(d) = config_dir {
-            report.notes.push(format!(
-                "--config-dir {}: nothing to write there, the backup holds no configuration",
-                d.display()
-            ));
-        }
-        report_settings(pgdata, &pgdata.join("postgresql.conf"), backup, &mut report);
+        report_unrecorded(backup, pgdata, config_dir, &mut report);
         return Ok(report);
     };
     report.held = true;
@@ -225,10 +210,67 @@ pub fn place(
             .push(format!("not recorded when the backup ran: {m}"));
     }
     let layout = Layout::plan(conf, pgdata, config_dir);
+    place_files(conf, &layout, pgdata, config_dir, &mut report)?;
+
+    // Rewrite what points elsewhere, following the graph as the server will.
+    let config_orig = normalize(Path::new(&conf.config_file));
+    let Some(config_new) = layout.map(&config_orig) else {
+        report.missing.push(format!(
+            "config_file {}: neither in the backup nor inside the data directory",
+            conf.config_file
+        ));
+        return Ok(report);
+    };
+    rewrite_graph(backup, &layout, &config_orig, &mut report)?;
+    for s in conf.settings.iter().filter(|s| s.source == "command line") {
+        report.notes.push(format!(
+            "{} = {} was set on the original server's command line (pg_ctl options, pg_ctl.conf), \
+             not in a file: the restored copy does not get it",
+            s.name,
+            quote_conf(&s.value)
+        ));
+    }
+    report.config_file = Some(config_new.display().to_string());
+    report_settings(pgdata, &config_new, backup, &mut report);
+    Ok(report)
+}
+
+/// A backup without a recorded configuration: what the restored data directory lacks.
+fn report_unrecorded(
+    backup: &BackupManifest,
+    pgdata: &Path,
+    config_dir: Option<&Path>,
+    report: &mut ConfigReport,
+) {
+    report.notes.push(format!(
+        "backup {} does not record the server's configuration (taken by an older tidemark): \
+         if the cluster keeps postgresql.conf, pg_hba.conf or included files outside its data \
+         directory, put them in place by hand",
+        backup.id
+    ));
+    missing_main_files(pgdata, report);
+    if let Some(d) = config_dir {
+        report.notes.push(format!(
+            "--config-dir {}: nothing to write there, the backup holds no configuration",
+            d.display()
+        ));
+    }
+    report_settings(pgdata, &pgdata.join("postgresql.conf"), backup, report);
+}
+
+/// Moves the staged files to their places in the layout (directories first: include_dirs
+/// are read even when empty), setting a data directory's own unused copies aside.
+fn place_files(
+    conf: &ServerConfiguration,
+    layout: &Layout,
+    pgdata: &Path,
+    config_dir: Option<&Path>,
+    report: &mut ConfigReport,
+) -> Result<(), Error> {
+    let io = |p: &Path, e: std::io::Error| Error::LocalIo(format!("{}: {e}", p.display()));
     if let Some(d) = config_dir {
         std::fs::create_dir_all(d).map_err(|e| io(d, e))?;
     }
-    // Directories first (include_dirs are read even when empty).
     for (d, dest) in &layout.dirs {
         let mode = conf
             .directories
@@ -276,17 +318,19 @@ pub fn place(
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| io(&staging, e))?;
     }
+    Ok(())
+}
 
-    // Rewrite what points elsewhere, following the graph as the server will.
-    let config_orig = normalize(Path::new(&conf.config_file));
-    let Some(config_new) = layout.map(&config_orig) else {
-        report.missing.push(format!(
-            "config_file {}: neither in the backup nor inside the data directory",
-            conf.config_file
-        ));
-        return Ok(report);
-    };
-    let graph = conffiles::walk(&Restored(&layout), &config_orig, None, None);
+/// Rewrites every restored file of the graph from `config_orig` that points elsewhere than
+/// the restored copies; a placed file also says where it came from.
+fn rewrite_graph(
+    backup: &BackupManifest,
+    layout: &Layout,
+    config_orig: &Path,
+    report: &mut ConfigReport,
+) -> Result<(), Error> {
+    let io = |p: &Path, e: std::io::Error| Error::LocalIo(format!("{}: {e}", p.display()));
+    let graph = conffiles::walk(&Restored(layout), config_orig, None, None);
     for (orig, role) in &graph.files {
         let Some(new) = layout.map(orig) else {
             continue; // a file of this host, not ours to change
@@ -294,9 +338,9 @@ pub fn place(
         let placed = layout.files.contains_key(orig);
         let text = conffiles::read_small(&new).map_err(|e| io(&new, e))?;
         let (out, changes) = if role.is_conf_syntax() {
-            rewrite_conf(&text, orig, &new, &layout)
+            rewrite_conf(&text, orig, &new, layout)
         } else {
-            rewrite_hba(&text, orig, &new, &layout)
+            rewrite_hba(&text, orig, &new, layout)
         };
         let mut out = out;
         if placed {
@@ -317,17 +361,7 @@ pub fn place(
     for p in &graph.problems {
         report.missing.push(p.clone());
     }
-    for s in conf.settings.iter().filter(|s| s.source == "command line") {
-        report.notes.push(format!(
-            "{} = {} was set on the original server's command line (pg_ctl options, pg_ctl.conf), \
-             not in a file: the restored copy does not get it",
-            s.name,
-            quote_conf(&s.value)
-        ));
-    }
-    report.config_file = Some(config_new.display().to_string());
-    report_settings(pgdata, &config_new, backup, &mut report);
-    Ok(report)
+    Ok(())
 }
 
 fn dir_mode(m: u32) -> u32 {
@@ -448,7 +482,7 @@ pub fn effective_settings(pgdata: &Path, config_file: &Path) -> Graph {
     g
 }
 
-fn is_on(v: Option<&str>) -> bool {
+pub(super) fn is_on(v: Option<&str>) -> bool {
     matches!(
         v.map(|v| v.to_ascii_lowercase()).as_deref(),
         Some("on" | "true" | "yes" | "1")
@@ -456,7 +490,7 @@ fn is_on(v: Option<&str>) -> bool {
 }
 
 /// A path setting's value as the server resolves it (relative to the data directory).
-fn setting_path(pgdata: &Path, v: &str) -> PathBuf {
+pub(super) fn setting_path(pgdata: &Path, v: &str) -> PathBuf {
     let p = Path::new(v);
     if p.is_absolute() {
         p.to_path_buf()
@@ -510,305 +544,5 @@ fn report_settings(
     }
 }
 
-/// What `--start` and drills pass to the server so that a copy starts privately beside
-/// whatever else runs on this host, and why: each override is reported.
-#[derive(Debug, Default)]
-pub struct StartSettings {
-    pub options: Vec<(String, String)>,
-    pub overrides: Vec<String>,
-    pub port: Option<u16>,
-    pub socket_dirs: Vec<PathBuf>,
-}
-
-pub fn start_settings(
-    pgdata: &Path,
-    config_file: &Path,
-    pg_version_num: u32,
-    port: Option<u16>,
-    socket_dir: Option<&Path>,
-) -> StartSettings {
-    let g = effective_settings(pgdata, config_file);
-    let mut s = StartSettings::default();
-    let lacking = lacking(pgdata, &g, pg_version_num);
-    let lacks = |n: &str| {
-        lacking
-            .iter()
-            .find(|(name, _)| name == n)
-            .map(|(_, v)| v.clone())
-    };
-    if let Some(p) = port {
-        s.options.push(("port".into(), p.to_string()));
-    }
-    s.port = port.or_else(|| g.setting("port").and_then(|v| v.parse().ok()));
-    match socket_dir {
-        Some(d) => {
-            s.options
-                .push(("unix_socket_directories".into(), d.display().to_string()));
-            s.options.push(("listen_addresses".into(), String::new()));
-            s.socket_dirs = vec![d.to_path_buf()];
-        }
-        None => {
-            let configured: Vec<PathBuf> = g
-                .setting("unix_socket_directories")
-                .unwrap_or("")
-                .split(',')
-                .map(str::trim)
-                .filter(|d| !d.is_empty())
-                .map(|d| setting_path(pgdata, d))
-                .collect();
-            let existing: Vec<PathBuf> =
-                configured.iter().filter(|d| d.is_dir()).cloned().collect();
-            if existing.len() < configured.len() {
-                let use_dirs = if existing.is_empty() {
-                    vec![PathBuf::from("/tmp")]
-                } else {
-                    existing
-                };
-                let joined = use_dirs
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(",");
-                s.overrides.push(format!(
-                    "unix_socket_directories = {} (the configured {} is missing here)",
-                    quote_conf(&joined),
-                    quote_conf(g.setting("unix_socket_directories").unwrap_or(""))
-                ));
-                s.options.push(("unix_socket_directories".into(), joined));
-                s.socket_dirs = use_dirs;
-            } else {
-                s.socket_dirs = configured;
-            }
-        }
-    }
-    if let Some(v) = g.setting("external_pid_file").filter(|v| !v.is_empty()) {
-        s.overrides.push(format!(
-            "external_pid_file = '' (the configured {} is the original cluster's)",
-            quote_conf(v)
-        ));
-    }
-    s.options.push(("external_pid_file".into(), String::new()));
-    if is_on(g.setting("ssl")) {
-        let gone: Vec<String> = [
-            "ssl_cert_file",
-            "ssl_key_file",
-            "ssl_ca_file",
-            "ssl_crl_file",
-        ]
-        .iter()
-        .filter_map(|n| lacks(n).map(|v| format!("{n} {}", quote_conf(&v))))
-        .collect();
-        if !gone.is_empty() {
-            s.overrides
-                .push(format!("ssl = off ({} missing here)", gone.join(", ")));
-            s.options.push(("ssl".into(), "off".into()));
-        }
-    }
-    if let Some(v) = lacks("stats_temp_directory") {
-        s.overrides.push(format!(
-            "stats_temp_directory = 'pg_stat_tmp' (the configured {} is missing here)",
-            quote_conf(&v)
-        ));
-        s.options
-            .push(("stats_temp_directory".into(), "pg_stat_tmp".into()));
-    }
-    if is_on(g.setting("logging_collector")) {
-        s.overrides.push(
-            "logging_collector = off (the server's messages go to tidemark's start log)".into(),
-        );
-        s.options.push(("logging_collector".into(), "off".into()));
-    }
-    s
-}
-
-/// The line of a server log that says why it did not come up: the last FATAL or PANIC that is
-/// not a refused connection attempt, else what the postgres binary printed before logging
-/// started (`postgres: could not access the server configuration file ...`).
-pub fn server_failure(log: &str) -> Option<String> {
-    const NOISE: &[&str] = &[
-        "the database system is starting up",
-        "the database system is shutting down",
-        "the database system is not yet accepting connections",
-        "the database system is not accepting connections",
-        "terminating connection due to administrator command",
-        "role \"",
-        "database \"",
-    ];
-    let fatal = log.lines().rfind(|l| {
-        (l.contains("FATAL:") || l.contains("PANIC:")) && !NOISE.iter().any(|n| l.contains(n))
-    });
-    let line = fatal.or_else(|| {
-        log.lines().rfind(|l| {
-            let t = l.trim_start();
-            t.starts_with("postgres:") && !t.contains("LOG:")
-        })
-    })?;
-    Some(line.trim().chars().take(500).collect())
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn server_failure_quotes_the_real_reason() {
-        let log = "2026-12-06 10:00:00.000 UTC [1] LOG:  starting PostgreSQL 15\n\
-                   2026-12-06 10:00:00.100 UTC [9] FATAL:  the database system is starting up\n\
-                   2026-12-06 10:00:00.200 UTC [2] FATAL:  could not load pg_hba.conf\n\
-                   2026-12-06 10:00:00.300 UTC [9] FATAL:  the database system is starting up\n\
-                   2026-12-06 10:00:00.400 UTC [1] LOG:  database system is shut down\n";
-        assert_eq!(
-            server_failure(log).as_deref(),
-            Some("2026-12-06 10:00:00.200 UTC [2] FATAL:  could not load pg_hba.conf")
-        );
-        let early = "postgres: could not access the server configuration file \"/srv/pg/postgresql.conf\": No such file or directory\n";
-        assert!(
-            server_failure(early)
-                .unwrap()
-                .contains("could not access the server configuration file")
-        );
-        assert_eq!(server_failure("LOG: fine\n"), None);
-    }
-
-    fn conf(files: &[(&str, &str)], dirs: &[&str]) -> ServerConfiguration {
-        ServerConfiguration {
-            data_directory: "/var/lib/postgresql/15/main".into(),
-            config_file: "/etc/postgresql/15/main/postgresql.conf".into(),
-            hba_file: "/etc/postgresql/15/main/pg_hba.conf".into(),
-            ident_file: "/etc/postgresql/15/main/pg_ident.conf".into(),
-            files: files
-                .iter()
-                .map(|(s, r)| crate::repo::manifest::ConfigFileEntry {
-                    source: s.to_string(),
-                    role: r.to_string(),
-                    size: 0,
-                    mode: 0o644,
-                    extents: vec![],
-                })
-                .collect(),
-            directories: dirs
-                .iter()
-                .map(|d| crate::repo::manifest::ConfigDirEntry {
-                    source: d.to_string(),
-                    mode: 0o755,
-                })
-                .collect(),
-            settings: vec![],
-            missing: vec![],
-        }
-    }
-
-    #[test]
-    fn layout_keeps_the_debian_shape() {
-        let c = conf(
-            &[
-                ("/etc/postgresql/15/main/postgresql.conf", "config_file"),
-                ("/etc/postgresql/15/main/pg_hba.conf", "hba_file"),
-                ("/etc/postgresql/15/main/conf.d/a.conf", "include"),
-                ("/etc/postgresql/15/main/start.conf", "pg_ctlcluster"),
-                ("/etc/postgresql-common/shared.conf", "include"),
-                ("/etc/postgresql/15/main/base/evil.conf", "include"),
-            ],
-            &["/etc/postgresql/15/main/conf.d"],
-        );
-        let l = Layout::plan(&c, Path::new("/srv/r"), None);
-        let m = |p: &str| l.map(Path::new(p)).map(|p| p.display().to_string());
-        assert_eq!(
-            m("/etc/postgresql/15/main/postgresql.conf").as_deref(),
-            Some("/srv/r/postgresql.conf")
-        );
-        assert_eq!(
-            m("/etc/postgresql/15/main/pg_hba.conf").as_deref(),
-            Some("/srv/r/pg_hba.conf")
-        );
-        assert_eq!(
-            m("/etc/postgresql/15/main/conf.d").as_deref(),
-            Some("/srv/r/conf.d")
-        );
-        assert_eq!(
-            m("/etc/postgresql/15/main/conf.d/a.conf").as_deref(),
-            Some("/srv/r/conf.d/a.conf")
-        );
-        assert_eq!(
-            m("/etc/postgresql/15/main/start.conf").as_deref(),
-            Some("/srv/r/tidemark-config/etc/postgresql/15/main/start.conf")
-        );
-        assert_eq!(
-            m("/etc/postgresql-common/shared.conf").as_deref(),
-            Some("/srv/r/tidemark-config/etc/postgresql-common/shared.conf")
-        );
-        // Never into a directory PostgreSQL owns.
-        assert_eq!(
-            m("/etc/postgresql/15/main/base/evil.conf").as_deref(),
-            Some("/srv/r/tidemark-config/etc/postgresql/15/main/base/evil.conf")
-        );
-        assert_eq!(
-            m("/var/lib/postgresql/15/main/postgresql.auto.conf").as_deref(),
-            Some("/srv/r/postgresql.auto.conf")
-        );
-        assert_eq!(m("/etc/passwd"), None);
-        let d = Layout::plan(
-            &c,
-            Path::new("/srv/r"),
-            Some(Path::new("/etc/postgresql/15/r")),
-        );
-        assert_eq!(
-            d.map(Path::new("/etc/postgresql/15/main/start.conf"))
-                .unwrap(),
-            PathBuf::from("/etc/postgresql/15/r/start.conf")
-        );
-    }
-
-    #[test]
-    fn rewrites_what_points_elsewhere() {
-        let c = conf(
-            &[
-                ("/etc/postgresql/15/main/postgresql.conf", "config_file"),
-                ("/etc/postgresql/15/main/pg_hba.conf", "hba_file"),
-                ("/etc/postgresql-common/shared.conf", "include"),
-            ],
-            &["/etc/postgresql/15/main/conf.d"],
-        );
-        let l = Layout::plan(&c, Path::new("/srv/r"), None);
-        let text = "data_directory = '/var/lib/postgresql/15/main'\t\t# use data in another directory\n\
-                    hba_file = '/etc/postgresql/15/main/pg_hba.conf'\n\
-                    include_dir = 'conf.d'\n\
-                    include '/etc/postgresql-common/shared.conf'\n\
-                    port = 5432\n";
-        let (out, changes) = rewrite_conf(
-            text,
-            Path::new("/etc/postgresql/15/main/postgresql.conf"),
-            Path::new("/srv/r/postgresql.conf"),
-            &l,
-        );
-        assert_eq!(changes.len(), 3, "{changes:?}");
-        let settings = conffiles::parse_conf(&out);
-        let get = |n: &str| {
-            settings
-                .iter()
-                .rev()
-                .find(|s| s.name == n)
-                .map(|s| s.value.clone())
-        };
-        assert_eq!(get("data_directory").as_deref(), Some("/srv/r"));
-        assert_eq!(get("hba_file").as_deref(), Some("/srv/r/pg_hba.conf"));
-        assert_eq!(
-            get("include_dir").as_deref(),
-            Some("conf.d"),
-            "relative and already right"
-        );
-        assert_eq!(
-            get("include").as_deref(),
-            Some("/srv/r/tidemark-config/etc/postgresql-common/shared.conf")
-        );
-        assert_eq!(get("port").as_deref(), Some("5432"));
-        assert!(
-            out.contains("#data_directory = '/var/lib/postgresql/15/main'"),
-            "{out}"
-        );
-        assert!(
-            out.contains("# tidemark: restored copy of /etc/postgresql/15/main/pg_hba.conf"),
-            "{out}"
-        );
-    }
-}
+mod tests;
