@@ -2,15 +2,20 @@
 #
 #   source "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 #
-# Sets SCRIPT_DIR (this directory) and REPO_ROOT, read-only. Each helper says which variables
+# Sets SCRIPT_DIR (this directory), REPO_ROOT and RELEASE_DIR, read-only. Each helper says which variables
 # it reads (PG_BIN, PG_USER, WORK, PGDATA, PORT, ...): the script sets them. Nothing here runs a
 # command at source time.
 # shellcheck shell=bash
 
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
 REPO_ROOT=$(cd -- "$SCRIPT_DIR/.." && pwd -P)
+# Where `cargo build --release`, run in REPO_ROOT, puts what it builds: CARGO_TARGET_DIR (or
+# CARGO_BUILD_TARGET_DIR) when set, relative to REPO_ROOT, else target.
+RELEASE_DIR=${CARGO_TARGET_DIR:-${CARGO_BUILD_TARGET_DIR:-target}}
+[[ $RELEASE_DIR == /* ]] || RELEASE_DIR="$REPO_ROOT/$RELEASE_DIR"
+RELEASE_DIR+=/release
 # shellcheck disable=SC2034 # for the scripts that source this
-readonly SCRIPT_DIR REPO_ROOT
+readonly SCRIPT_DIR REPO_ROOT RELEASE_DIR
 # What log lines start with: the file name of the script that sourced this.
 LOG_NAME=${BASH_SOURCE[1]##*/}
 
@@ -113,7 +118,7 @@ make_work() {
 # user can run it (the build directory may be out of its reach).
 install_tidemark() {
     mkdir -p "$(dirname -- "$1")"
-    install -m 755 "$REPO_ROOT/target/release/tidemark" "$1"
+    install -m 755 "$RELEASE_DIR/tidemark" "$1"
 }
 
 # pg_initdb: initdb of $PGDATA as $PG_USER, its output in $WORK/initdb.log (shown if it fails).
