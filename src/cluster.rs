@@ -30,13 +30,12 @@ impl ClusterHandle {
     pub async fn open(config: Config, cluster: Option<&str>) -> Result<ClusterHandle, Error> {
         let (name, _) = config.cluster(cluster).map_err(Error::Usage)?;
         let name = name.to_string();
-        let store = store::open(
+        let store = store::from_url(
             &config.repository.url,
             &config.s3_settings(),
             &config.store_options(),
         )
-        .await
-        .map_err(Error::Usage)?;
+        .await?;
         ClusterHandle::with_store(&config, &name, store)
     }
 

@@ -6,7 +6,7 @@
 use crate::config::ConfigError;
 use crate::pipeline::{CryptError, PipelineError};
 use crate::repo::RepoError;
-use crate::store::StoreError;
+use crate::store::{OpenError, StoreError};
 use crate::transfer::TransferError;
 
 #[derive(Debug, thiserror::Error)]
@@ -234,6 +234,13 @@ impl From<CryptError> for Error {
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Error {
         Error::Store(e)
+    }
+}
+
+/// A repository URL or S3 settings the store cannot be opened with: fix the configuration.
+impl From<OpenError> for Error {
+    fn from(e: OpenError) -> Error {
+        Error::Usage(e.to_string())
     }
 }
 

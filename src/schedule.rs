@@ -75,6 +75,57 @@ const FIELDS: [FieldSpec; 5] = [
     },
 ];
 
+/// Why a schedule was refused. The message quotes the expression (or the time zone) and names
+/// the field and value, so a config error can be fixed from it alone.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error(
+        "unknown time zone \"{name}\" (expected an IANA name such as \"Europe/Berlin\" or \"UTC\")"
+    )]
+    UnknownTimeZone { name: String },
+    #[error("cron \"{expr}\": {problem}")]
+    Cron { expr: String, problem: CronProblem },
+}
+
+/// What is wrong with a cron expression.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CronProblem {
+    #[error("@reboot is not supported")]
+    Reboot,
+    #[error("unknown macro @{name}")]
+    UnknownMacro { name: String },
+    #[error(
+        "expected 5 fields (minute hour day-of-month month day-of-week), found {found}{}",
+        if *.found == 6 { " (seconds fields are not supported)" } else { "" }
+    )]
+    FieldCount { found: usize },
+    #[error("{field} has an empty list item in \"{text}\"")]
+    EmptyItem { field: &'static str, text: String },
+    #[error("{field} step 0 in \"{item}\" must be at least 1")]
+    ZeroStep { field: &'static str, item: String },
+    #[error("{field} step \"{step}\" is not a number")]
+    StepNotANumber { field: &'static str, step: String },
+    #[error("{field} range {range} is reversed")]
+    ReversedRange { field: &'static str, range: String },
+    #[error(
+        "{field} value \"{value}\" is not {}",
+        if *.names { "a number or name" } else { "a number" }
+    )]
+    NotANumber {
+        field: &'static str,
+        value: String,
+        /// The field also takes names (months, days of the week).
+        names: bool,
+    },
+    #[error("{field} {value} out of range {min}-{max}")]
+    OutOfRange {
+        field: &'static str,
+        value: String,
+        min: u32,
+        max: u32,
+    },
+}
+
 /// A parsed cron expression bound to a time zone. Each field is a bit set of allowed values.
 #[derive(Clone)]
 pub struct Schedule {
@@ -95,10 +146,13 @@ pub struct Schedule {
 impl Schedule {
     /// Parses `expr` (5 fields or a macro) in time zone `tz` (IANA name such as
     /// "Europe/Berlin", or "UTC"). Errors quote the expression and name the field and value.
-    pub fn parse(expr: &str, tz: &str) -> Result<Schedule, String> {
+    pub fn parse(expr: &str, tz: &str) -> Result<Schedule, ScheduleError> {
         let tz = parse_timezone(tz)?;
         let expr = expr.trim();
-        let err = |msg: String| format!("cron \"{expr}\": {msg}");
+        let err = |problem: CronProblem| ScheduleError::Cron {
+            expr: expr.to_string(),
+            problem,
+        };
         let body = match expr.strip_prefix('@') {
             None => expr,
             Some(name) => match name.to_ascii_lowercase().as_str() {
@@ -107,21 +161,19 @@ impl Schedule {
                 "weekly" => "0 0 * * 0",
                 "daily" | "midnight" => "0 0 * * *",
                 "hourly" => "0 * * * *",
-                "reboot" => return Err(err("@reboot is not supported".into())),
-                _ => return Err(err(format!("unknown macro @{name}"))),
+                "reboot" => return Err(err(CronProblem::Reboot)),
+                _ => {
+                    return Err(err(CronProblem::UnknownMacro {
+                        name: name.to_string(),
+                    }));
+                }
             },
         };
         let fields: Vec<&str> = body.split_whitespace().collect();
         if fields.len() != 5 {
-            let hint = if fields.len() == 6 {
-                " (seconds fields are not supported)"
-            } else {
-                ""
-            };
-            return Err(err(format!(
-                "expected 5 fields (minute hour day-of-month month day-of-week), found {}{hint}",
-                fields.len()
-            )));
+            return Err(err(CronProblem::FieldCount {
+                found: fields.len(),
+            }));
         }
         let mut masks = [0u64; 5];
         for (mask, (text, spec)) in masks.iter_mut().zip(fields.iter().zip(&FIELDS)) {
@@ -266,12 +318,12 @@ impl fmt::Debug for Schedule {
 }
 
 /// Parses an IANA time zone name (e.g. "Europe/Berlin", "UTC"); the error names the value.
-pub fn parse_timezone(s: &str) -> Result<Tz, String> {
-    s.trim().parse::<Tz>().map_err(|_| {
-        format!(
-            "unknown time zone \"{s}\" (expected an IANA name such as \"Europe/Berlin\" or \"UTC\")"
-        )
-    })
+pub fn parse_timezone(s: &str) -> Result<Tz, ScheduleError> {
+    s.trim()
+        .parse::<Tz>()
+        .map_err(|_| ScheduleError::UnknownTimeZone {
+            name: s.to_string(),
+        })
 }
 
 fn bit(mask: u64, value: u32) -> bool {
@@ -283,19 +335,32 @@ fn bits(mask: u64) -> impl Iterator<Item = u32> {
 }
 
 /// Parses one field into a bit set of allowed values; errors name the field and value.
-fn parse_field(text: &str, spec: &FieldSpec) -> Result<u64, String> {
-    let name = spec.name;
+fn parse_field(text: &str, spec: &FieldSpec) -> Result<u64, CronProblem> {
+    let field = spec.name;
     let mut mask = 0u64;
     for item in text.split(',') {
         if item.is_empty() {
-            return Err(format!("{name} has an empty list item in \"{text}\""));
+            return Err(CronProblem::EmptyItem {
+                field,
+                text: text.to_string(),
+            });
         }
         let (range, step) = match item.split_once('/') {
             None => (item, None),
             Some((range, step)) => match step.parse::<u32>() {
-                Ok(0) => return Err(format!("{name} step 0 in \"{item}\" must be at least 1")),
+                Ok(0) => {
+                    return Err(CronProblem::ZeroStep {
+                        field,
+                        item: item.to_string(),
+                    });
+                }
                 Ok(step) => (range, Some(step)),
-                Err(_) => return Err(format!("{name} step \"{step}\" is not a number")),
+                Err(_) => {
+                    return Err(CronProblem::StepNotANumber {
+                        field,
+                        step: step.to_string(),
+                    });
+                }
             },
         };
         let (lo, hi) = if range == "*" {
@@ -307,7 +372,10 @@ fn parse_field(text: &str, spec: &FieldSpec) -> Result<u64, String> {
             (a, if step.is_some() { spec.max } else { a })
         };
         if lo > hi {
-            return Err(format!("{name} range {range} is reversed"));
+            return Err(CronProblem::ReversedRange {
+                field,
+                range: range.to_string(),
+            });
         }
         let step = usize::try_from(step.unwrap_or(1)).unwrap_or(usize::MAX);
         for v in (lo..=hi).step_by(step) {
@@ -317,22 +385,26 @@ fn parse_field(text: &str, spec: &FieldSpec) -> Result<u64, String> {
     Ok(mask)
 }
 
-fn field_value(s: &str, spec: &FieldSpec) -> Result<u32, String> {
-    let name = spec.name;
+fn field_value(s: &str, spec: &FieldSpec) -> Result<u32, CronProblem> {
+    let field = spec.name;
     let (min, max) = (spec.min, spec.max);
     let value = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
         s.parse::<u32>().ok().filter(|v| (min..=max).contains(v))
     } else if let Some(i) = spec.names.iter().position(|n| n.eq_ignore_ascii_case(s)) {
         u32::try_from(i).ok().map(|i| min + i)
     } else {
-        let kind = if spec.names.is_empty() {
-            "a number"
-        } else {
-            "a number or name"
-        };
-        return Err(format!("{name} value \"{s}\" is not {kind}"));
+        return Err(CronProblem::NotANumber {
+            field,
+            value: s.to_string(),
+            names: !spec.names.is_empty(),
+        });
     };
-    value.ok_or_else(|| format!("{name} {s} out of range {min}-{max}"))
+    value.ok_or_else(|| CronProblem::OutOfRange {
+        field,
+        value: s.to_string(),
+        min,
+        max,
+    })
 }
 
 #[cfg(test)]
@@ -454,7 +526,7 @@ mod tests {
 
     #[test]
     fn parse_errors_name_field_and_value() {
-        let err = |expr| Schedule::parse(expr, "UTC").unwrap_err();
+        let err = |expr| Schedule::parse(expr, "UTC").unwrap_err().to_string();
         assert_eq!(
             err("0 25 * * *"),
             r#"cron "0 25 * * *": hour 25 out of range 0-23"#
@@ -486,10 +558,31 @@ mod tests {
                 "{e}"
             );
         }
-        let e = Schedule::parse("0 2 * * *", "Mars/Olympus").unwrap_err();
+        let e = Schedule::parse("0 2 * * *", "Mars/Olympus")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(r#"unknown time zone "Mars/Olympus""#), "{e}");
         assert_eq!(parse_timezone("UTC").unwrap(), chrono_tz::UTC);
         assert!(parse_timezone("").is_err());
+        // The kind is a value, not only words.
+        assert_eq!(
+            Schedule::parse("0 25 * * *", "UTC").unwrap_err(),
+            ScheduleError::Cron {
+                expr: "0 25 * * *".into(),
+                problem: CronProblem::OutOfRange {
+                    field: "hour",
+                    value: "25".into(),
+                    min: 0,
+                    max: 23
+                },
+            }
+        );
+        assert_eq!(
+            parse_timezone("Mars/Olympus").unwrap_err(),
+            ScheduleError::UnknownTimeZone {
+                name: "Mars/Olympus".into()
+            }
+        );
     }
 
     fn matches(s: &Schedule, t: NaiveDateTime) -> bool {

@@ -44,6 +44,14 @@ struct Marker {
     lsn_after: u64,
 }
 
+/// A timestamp as PostgreSQL prints it ("2026-01-10 12:00:00.123456+00") or as tidemark's JSON
+/// does (RFC 3339).
+fn timestamp(s: &str) -> chrono::DateTime<chrono::FixedOffset> {
+    chrono::DateTime::parse_from_str(&format!("{s}00"), "%Y-%m-%d %H:%M:%S%.f%z")
+        .or_else(|_| chrono::DateTime::parse_from_rfc3339(s))
+        .unwrap_or_else(|e| panic!("timestamp {s:?}: {e}"))
+}
+
 fn lsn(s: &str) -> u64 {
     let (hi, lo) = s.split_once('/').unwrap();
     (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
@@ -232,18 +240,13 @@ async fn exactness(store: StoreKind, tag: &str) {
     // A marker committed while backup B was copying (after its start, before its stop): B
     // cannot restore to it, so the restore must choose A. (Markers written after B's stop
     // but before the process exited, while it waited for WAL, belong to B.)
-    let ts = |s: &str| {
-        chrono::DateTime::parse_from_str(&format!("{s}00"), "%Y-%m-%d %H:%M:%S%.f%z")
-            .or_else(|_| chrono::DateTime::parse_from_rfc3339(s))
-            .unwrap_or_else(|e| panic!("timestamp {s:?}: {e}"))
-    };
-    let b_start = ts(backup_b["start_time"].as_str().unwrap());
-    let b_stop = ts(backup_b["stop_time"].as_str().unwrap());
+    let b_start = timestamp(backup_b["start_time"].as_str().unwrap());
+    let b_stop = timestamp(backup_b["stop_time"].as_str().unwrap());
     let inside: Vec<i32> = during
         .iter()
         .copied()
         .filter(|seq| {
-            let t = ts(&markers.iter().find(|m| m.seq == *seq).unwrap().commit_ts);
+            let t = timestamp(&markers.iter().find(|m| m.seq == *seq).unwrap().commit_ts);
             t > b_start && t < b_stop
         })
         .collect();
@@ -315,7 +318,7 @@ async fn exactness(store: StoreKind, tag: &str) {
             );
         }
         if i == 0 || what == "latest" {
-            assert_ne!(r.amcheck(), Some(false), "{what}: pg_amcheck failed");
+            assert!(r.amcheck(), "{what}: pg_amcheck failed");
         }
     }
 
@@ -644,9 +647,13 @@ async fn faults() {
     )
     .fails_with(3, "wrong master key");
 
-    // A missing WAL segment: the window stops before it, restoring past it is refused.
+    // A missing WAL segment: the window stops before it, restoring past it is refused, and a
+    // target before it restores exactly what was committed up to there.
     let c = st.pg.client().await;
     let before_gap = marker(&c, 1).await;
+    // Marker 1's segment ends with a later commit (switch_wal writes one), so a time target
+    // at marker 1 can stop there; the next segment, the one removed, holds nothing else.
+    st.pg.switch_wal().await;
     let gap_seg = st.pg.switch_wal().await;
     let after_gap = marker(&c, 2).await;
     marker(&c, 3).await;
@@ -669,6 +676,10 @@ async fn faults() {
         latest.as_str() < after_gap.commit_ts.replace(' ', "T").as_str(),
         "window must end before the gap: {listing}"
     );
+    assert!(
+        timestamp(&latest) > timestamp(&before_gap.commit_ts),
+        "window must reach past marker 1, before the gap: {listing}"
+    );
     let text = tidemark(d, &["--config", cfg, "list"]).ok().stdout;
     assert!(text.contains("WAL GAP"), "{text}");
     let r = tidemark(
@@ -684,7 +695,23 @@ async fn faults() {
         ],
     );
     r.fails_with(13, "restorable window");
-    let _ = before_gap;
+    // Before the gap: the backup plus the WAL up to marker 1, and nothing after it.
+    let (r, json) = restore(&st, "beforegap", &["--target-time", &before_gap.commit_ts]);
+    assert_eq!(json["backup"], id.as_str(), "{json}");
+    let rows: Vec<(i32, i64)> = r
+        .client()
+        .await
+        .query("select seq, xid from markers order by seq", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![(before_gap.seq, before_gap.xid)],
+        "restored before the gap: exactly marker 1 ({json})"
+    );
 }
 
 /// A restore point or transaction from before the newest backup: restore finds it in the WAL

@@ -39,7 +39,7 @@ impl Session {
 /// Connects with a libpq-style connection string. The string may hold a password: it is never
 /// logged and errors name only the host part.
 pub async fn connect(conninfo: &str) -> Result<Session, String> {
-    let (rest, tls) = super::tls::split(conninfo)?;
+    let (rest, tls) = super::tls::split(conninfo).map_err(|e| e.to_string())?;
     let config = Config::from_str(&rest)
         .map_err(|e| format!("invalid connection string: {}", first_line(&e.to_string())))?;
     let target = describe(&config);
@@ -57,7 +57,7 @@ pub async fn connect(conninfo: &str) -> Result<Session, String> {
     let tls_config = if unix_only {
         None
     } else {
-        super::tls::client_config(&tls)?
+        super::tls::client_config(&tls).map_err(|e| e.to_string())?
     };
     let (client, task) = match tls_config {
         None => {

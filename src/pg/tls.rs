@@ -21,7 +21,7 @@ use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signat
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
-    CertificateError, DigitallySignedStruct, Error as TlsError, RootCertStore, SignatureScheme,
+    CertificateError, DigitallySignedStruct, Error as RustlsError, RootCertStore, SignatureScheme,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +39,33 @@ pub struct TlsSettings {
     pub rootcert: Option<PathBuf>,
 }
 
+/// Why a connection string's TLS settings cannot be used. The connection string may hold a
+/// password: no variant carries a value other than a key name, the sslmode or the root
+/// certificate's path.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    #[error("invalid connection string: expected '=' after {key:?}")]
+    ExpectedEquals { key: String },
+    #[error("invalid connection string: unterminated quote")]
+    UnterminatedQuote,
+    #[error("invalid sslmode {mode:?}")]
+    InvalidSslMode { mode: String },
+    #[error("sslmode=verify-ca/verify-full needs sslrootcert=FILE (the CA certificate)")]
+    RootCertNeeded,
+    /// `client_config` was handed verify settings without a root certificate.
+    #[error("sslrootcert missing")]
+    RootCertMissing,
+    /// The root certificate file cannot be read or parsed, or holds an unusable certificate.
+    #[error("sslrootcert {}: {detail}", .path.display())]
+    RootCert { path: PathBuf, detail: String },
+    #[error("sslrootcert {}: no certificate in it", .path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("TLS setup: {0}")]
+    Setup(RustlsError),
+}
+
 /// One `key=value` pair of a libpq connection string.
-fn parse_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
+fn parse_pairs(s: &str) -> Result<Vec<(String, String)>, TlsConfigError> {
     let mut out = Vec::new();
     let mut chars = s.chars().peekable();
     loop {
@@ -62,9 +87,7 @@ fn parse_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
             chars.next();
         }
         if chars.next() != Some('=') {
-            return Err(format!(
-                "invalid connection string: expected '=' after {key:?}"
-            ));
+            return Err(TlsConfigError::ExpectedEquals { key });
         }
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
             chars.next();
@@ -74,7 +97,7 @@ fn parse_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
             chars.next();
             loop {
                 match chars.next() {
-                    None => return Err("invalid connection string: unterminated quote".into()),
+                    None => return Err(TlsConfigError::UnterminatedQuote),
                     Some('\\') => {
                         if let Some(c) = chars.next() {
                             value.push(c);
@@ -110,7 +133,7 @@ fn quote(v: &str) -> String {
 
 /// Splits sslmode/sslrootcert out of a connection string; returns the rest for tokio-postgres
 /// (with sslmode set to what tokio-postgres should negotiate).
-pub fn split(conninfo: &str) -> Result<(String, TlsSettings), String> {
+pub fn split(conninfo: &str) -> Result<(String, TlsSettings), TlsConfigError> {
     if conninfo.starts_with("postgres://") || conninfo.starts_with("postgresql://") {
         return split_url(conninfo);
     }
@@ -128,7 +151,7 @@ pub fn split(conninfo: &str) -> Result<(String, TlsSettings), String> {
     Ok((rest.join(" "), settings(mode, rootcert)?))
 }
 
-fn split_url(url: &str) -> Result<(String, TlsSettings), String> {
+fn split_url(url: &str) -> Result<(String, TlsSettings), TlsConfigError> {
     let (base, query) = url.split_once('?').unwrap_or((url, ""));
     let mut mode = SslMode::Prefer;
     let mut rootcert = None;
@@ -148,14 +171,18 @@ fn split_url(url: &str) -> Result<(String, TlsSettings), String> {
     ))
 }
 
-fn parse_mode(v: &str) -> Result<SslMode, String> {
+fn parse_mode(v: &str) -> Result<SslMode, TlsConfigError> {
     Ok(match v {
         "disable" => SslMode::Disable,
         "allow" | "prefer" => SslMode::Prefer,
         "require" => SslMode::Require,
         "verify-ca" => SslMode::VerifyCa,
         "verify-full" => SslMode::VerifyFull,
-        other => return Err(format!("invalid sslmode {other:?}")),
+        other => {
+            return Err(TlsConfigError::InvalidSslMode {
+                mode: other.to_string(),
+            });
+        }
     })
 }
 
@@ -167,11 +194,9 @@ fn negotiated(mode: SslMode) -> &'static str {
     }
 }
 
-fn settings(mode: SslMode, rootcert: Option<PathBuf>) -> Result<TlsSettings, String> {
+fn settings(mode: SslMode, rootcert: Option<PathBuf>) -> Result<TlsSettings, TlsConfigError> {
     if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && rootcert.is_none() {
-        return Err(
-            "sslmode=verify-ca/verify-full needs sslrootcert=FILE (the CA certificate)".into(),
-        );
+        return Err(TlsConfigError::RootCertNeeded);
     }
     // libpq: with a root certificate, require verifies the chain like verify-ca.
     let mode = if mode == SslMode::Require && rootcert.is_some() {
@@ -183,7 +208,7 @@ fn settings(mode: SslMode, rootcert: Option<PathBuf>) -> Result<TlsSettings, Str
 }
 
 /// The rustls client configuration for these settings (None for sslmode=disable).
-pub fn client_config(s: &TlsSettings) -> Result<Option<rustls::ClientConfig>, String> {
+pub fn client_config(s: &TlsSettings) -> Result<Option<rustls::ClientConfig>, TlsConfigError> {
     if s.mode == SslMode::Disable {
         return Ok(None);
     }
@@ -191,26 +216,24 @@ pub fn client_config(s: &TlsSettings) -> Result<Option<rustls::ClientConfig>, St
     let verifier: Arc<dyn ServerCertVerifier> = match s.mode {
         SslMode::Prefer | SslMode::Require => Arc::new(NoVerification(provider.clone())),
         _ => {
-            let path = s.rootcert.as_ref().ok_or("sslrootcert missing")?;
+            let path = s.rootcert.as_ref().ok_or(TlsConfigError::RootCertMissing)?;
+            let bad = |e: &dyn std::fmt::Display| TlsConfigError::RootCert {
+                path: path.clone(),
+                detail: e.to_string(),
+            };
             let mut roots = RootCertStore::empty();
-            let certs = CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+            let certs = CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))?;
             for c in certs {
-                let c = c.map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
-                roots
-                    .add(c)
-                    .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+                let c = c.map_err(|e| bad(&e))?;
+                roots.add(c).map_err(|e| bad(&e))?;
             }
             if roots.is_empty() {
-                return Err(format!(
-                    "sslrootcert {}: no certificate in it",
-                    path.display()
-                ));
+                return Err(TlsConfigError::NoCertificate { path: path.clone() });
             }
             let webpki =
                 WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                     .build()
-                    .map_err(|e| format!("sslrootcert {}: {e}", path.display()))?;
+                    .map_err(|e| bad(&e))?;
             if s.mode == SslMode::VerifyFull {
                 webpki
             } else {
@@ -220,7 +243,7 @@ pub fn client_config(s: &TlsSettings) -> Result<Option<rustls::ClientConfig>, St
     };
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
+        .map_err(TlsConfigError::Setup)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
@@ -240,7 +263,7 @@ impl ServerCertVerifier for NoVerification {
         _server_name: &ServerName<'_>,
         _ocsp: &[u8],
         _now: UnixTime,
-    ) -> Result<ServerCertVerified, TlsError> {
+    ) -> Result<ServerCertVerified, RustlsError> {
         Ok(ServerCertVerified::assertion())
     }
 
@@ -249,7 +272,7 @@ impl ServerCertVerifier for NoVerification {
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
+    ) -> Result<HandshakeSignatureValid, RustlsError> {
         verify_tls12_signature(
             message,
             cert,
@@ -263,7 +286,7 @@ impl ServerCertVerifier for NoVerification {
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
+    ) -> Result<HandshakeSignatureValid, RustlsError> {
         verify_tls13_signature(
             message,
             cert,
@@ -289,12 +312,12 @@ impl ServerCertVerifier for ChainOnly {
         server_name: &ServerName<'_>,
         ocsp: &[u8],
         now: UnixTime,
-    ) -> Result<ServerCertVerified, TlsError> {
+    ) -> Result<ServerCertVerified, RustlsError> {
         match self
             .0
             .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
         {
-            Err(TlsError::InvalidCertificate(
+            Err(RustlsError::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
             other => other,
@@ -306,7 +329,7 @@ impl ServerCertVerifier for ChainOnly {
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
+    ) -> Result<HandshakeSignatureValid, RustlsError> {
         self.0.verify_tls12_signature(message, cert, dss)
     }
 
@@ -315,7 +338,7 @@ impl ServerCertVerifier for ChainOnly {
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
+    ) -> Result<HandshakeSignatureValid, RustlsError> {
         self.0.verify_tls13_signature(message, cert, dss)
     }
 
@@ -351,11 +374,22 @@ mod tests {
             "require with a root cert verifies the chain"
         );
         assert!(
-            split("host=db sslmode=verify-full").is_err(),
+            matches!(
+                split("host=db sslmode=verify-full"),
+                Err(TlsConfigError::RootCertNeeded)
+            ),
             "needs sslrootcert"
         );
-        assert!(split("host=db sslmode=bogus").is_err());
-        assert!(split("host='db").is_err());
+        let msg = |conninfo: &str| split(conninfo).unwrap_err().to_string();
+        assert_eq!(msg("host=db sslmode=bogus"), r#"invalid sslmode "bogus""#);
+        assert_eq!(
+            msg("host='db"),
+            "invalid connection string: unterminated quote"
+        );
+        assert_eq!(
+            msg("host db"),
+            r#"invalid connection string: expected '=' after "host""#
+        );
         let (rest, s) = split(r"password='it\'s a secret' host=x").unwrap();
         assert_eq!(rest, r"password='it\'s a secret' host='x' sslmode=prefer");
         assert_eq!(s.mode, SslMode::Prefer);
@@ -366,6 +400,32 @@ mod tests {
         assert_eq!(
             rest,
             "postgresql://u@h:5/d?application_name=x&sslmode=require"
+        );
+    }
+
+    #[test]
+    fn root_certificate_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let verify = |path: &std::path::Path| {
+            client_config(&TlsSettings {
+                mode: SslMode::VerifyCa,
+                rootcert: Some(path.to_path_buf()),
+            })
+            .unwrap_err()
+        };
+        let empty = dir.path().join("empty.crt");
+        std::fs::write(&empty, "no PEM here\n").unwrap();
+        assert_eq!(
+            verify(&empty).to_string(),
+            format!("sslrootcert {}: no certificate in it", empty.display())
+        );
+        let missing = dir.path().join("missing.crt");
+        let e = verify(&missing);
+        assert!(matches!(e, TlsConfigError::RootCert { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with(&format!("sslrootcert {}: ", missing.display())),
+            "{e}"
         );
     }
 }

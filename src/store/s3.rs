@@ -36,7 +36,8 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::task::JoinHandle;
 
 use super::{
-    ObjectMeta, ObjectReader, ObjectWriter, Store, StoreError, StoreOptions, validate_key,
+    ObjectMeta, ObjectReader, ObjectWriter, OpenError, Store, StoreError, StoreOptions,
+    validate_key,
 };
 
 /// Part size of multipart uploads; objects up to this size go up in one PUT (a WAL segment
@@ -100,7 +101,7 @@ impl S3Store {
         prefix: &str,
         settings: &S3Settings,
         opts: &StoreOptions,
-    ) -> Result<S3Store, String> {
+    ) -> Result<S3Store, OpenError> {
         let region = settings
             .region
             .clone()
@@ -129,29 +130,25 @@ impl S3Store {
                 ))
             }
             (None, None) => {} // the standard AWS chain: environment, profile, instance role
-            _ => {
-                return Err(
-                    "repository: set both access_key_id and secret_access_key, or neither".into(),
-                );
-            }
+            _ => return Err(OpenError::HalfCredentials),
         }
         if let Some(ep) = &settings.endpoint {
             loader = loader.endpoint_url(ep);
         }
         if let Some(ca) = &settings.ca_file {
             use aws_smithy_http_client::tls;
-            let pem = std::fs::read(ca)
-                .map_err(|e| format!("repository.ca_file {}: {e}", ca.display()))?;
+            let bad = |detail: String| OpenError::CaFile {
+                path: ca.clone(),
+                detail,
+            };
+            let pem = std::fs::read(ca).map_err(|e| bad(e.to_string()))?;
             if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
-                return Err(format!(
-                    "repository.ca_file {}: no PEM certificate in it",
-                    ca.display()
-                ));
+                return Err(OpenError::CaFileWithoutCertificate { path: ca.clone() });
             }
             let context = tls::TlsContext::builder()
                 .with_trust_store(tls::TrustStore::default().with_pem_certificate(pem))
                 .build()
-                .map_err(|e| format!("repository.ca_file {}: {e}", ca.display()))?;
+                .map_err(|e| bad(e.to_string()))?;
             let client = aws_smithy_http_client::Builder::new()
                 .tls_provider(tls::Provider::Rustls(
                     tls::rustls_provider::CryptoMode::AwsLc,
