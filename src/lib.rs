@@ -20,6 +20,7 @@ pub mod parallel;
 pub mod pg;
 pub mod pipeline;
 pub mod progress;
+pub mod rand;
 pub mod repo;
 pub mod restore;
 pub mod restore_config;
