@@ -27,7 +27,7 @@ use crate::cluster::ClusterHandle;
 use crate::error::Error;
 use crate::pipeline::Keyring;
 use crate::pipeline::keys::KEY_ID_LEN;
-use crate::repo::ClusterInfo;
+use crate::repo::{ClusterInfo, layout};
 use crate::state::{FileLock, ensure_dir, write_atomic};
 
 pub const AUDIT_FORMAT: u32 = 1;
@@ -153,7 +153,7 @@ impl AuditRecord {
 
     /// Object name relative to the cluster directory.
     pub fn name(&self) -> String {
-        format!("audit/{}/{}", self.chain, self.file_name())
+        layout::audit_record(&self.chain, &self.file_name())
     }
 
     fn file_name(&self) -> String {
@@ -352,12 +352,13 @@ async fn upload_pending(
     chain: &LocalChain,
     chain_id: &str,
 ) -> Result<(), Error> {
-    let store = cluster.repo.store();
+    let repo = &cluster.repo;
     let pending = chain.pending().map_err(|e| Error::LocalIo(e.to_string()))?;
-    for (name, bytes) in pending {
-        let key = cluster.repo.key(&format!("audit/{chain_id}/{name}"));
-        if store.head(&key).await?.is_some() {
-            let existing = store.get_bytes(&key, MAX_RECORD_BYTES).await?;
+    for (file, bytes) in pending {
+        let name = layout::audit_record(chain_id, &file);
+        let key = repo.key(&name);
+        if repo.exists(&name).await? {
+            let existing = repo.get_plain(&name, MAX_RECORD_BYTES).await?;
             if existing != bytes {
                 return Err(Error::Integrity(format!(
                     "{key} exists with other content: this host's audit chain collides with the \
@@ -366,9 +367,9 @@ async fn upload_pending(
                 )));
             }
         } else {
-            store.put_bytes(&key, Bytes::from(bytes)).await?;
+            repo.put_plain(&name, Bytes::from(bytes)).await?;
         }
-        let _ = std::fs::remove_file(chain.pending_dir().join(&name));
+        let _ = std::fs::remove_file(chain.pending_dir().join(&file));
     }
     Ok(())
 }
@@ -419,6 +420,7 @@ pub struct Listed {
 }
 
 struct StoredRecord {
+    /// The full store key (what `audit list` and problems print).
     key: String,
     seq: u64,
     bytes: Vec<u8>,
@@ -429,33 +431,33 @@ async fn load(
     cluster: &ClusterHandle,
     since: Option<DateTime<Utc>>,
 ) -> Result<(Vec<(String, Vec<StoredRecord>)>, Vec<String>), Error> {
-    let prefix = cluster.repo.key("audit/");
     let mut by_chain: std::collections::BTreeMap<String, Vec<(u64, String)>> = Default::default();
     let mut strays = Vec::new();
-    for m in cluster.repo.store().list(&prefix).await? {
-        let rel = &m.key[prefix.len()..];
-        match rel
-            .split_once('/')
+    for o in cluster.repo.list(layout::audit_prefix()).await? {
+        match layout::split_audit(&o.name)
             .and_then(|(c, n)| parse_file_name(n).map(|(seq, t)| (c.to_string(), seq, t)))
         {
             Some((c, seq, t)) => {
                 // Names carry the time to the second: keep a margin for --since.
                 if since.is_none_or(|s| t + chrono::Duration::seconds(1) >= s) {
-                    by_chain.entry(c).or_default().push((seq, m.key));
+                    by_chain.entry(c).or_default().push((seq, o.name));
                 }
             }
-            None => strays.push(m.key),
+            None => strays.push(o.meta.key),
         }
     }
-    let store = cluster.repo.store().clone();
     let mut out = Vec::new();
     for (chain, mut items) in by_chain {
         items.sort();
-        let jobs = items.into_iter().map(|(seq, key)| {
-            let store = store.clone();
+        let jobs = items.into_iter().map(|(seq, name)| {
+            let repo = cluster.repo.clone();
             async move {
-                let bytes = store.get_bytes(&key, MAX_RECORD_BYTES).await?;
-                Ok(StoredRecord { key, seq, bytes })
+                let bytes = repo.get_plain(&name, MAX_RECORD_BYTES).await?;
+                Ok(StoredRecord {
+                    key: repo.key(&name),
+                    seq,
+                    bytes,
+                })
             }
         });
         let mut recs = crate::parallel::run_bounded(jobs, 8).await?;
