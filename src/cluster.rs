@@ -11,7 +11,30 @@ use crate::pipeline::{EncodeOptions, Keyring, MasterKey};
 use crate::repo::manifest::BackupManifest;
 use crate::repo::window::{ArchiveIndex, BackupRange};
 use crate::repo::{ClusterInfo, Repository};
-use crate::store;
+use crate::store::{self, StoreOptions, s3::S3Settings};
+
+/// The store's view of `[repository]`. Here rather than in config.rs because the layers
+/// run the other way: config (the lowest) defines plain settings and knows no store types,
+/// this module knows both.
+impl Config {
+    pub fn s3_settings(&self) -> S3Settings {
+        S3Settings {
+            endpoint: self.repository.endpoint.clone(),
+            region: self.repository.region.clone(),
+            force_path_style: self.repository.force_path_style,
+            access_key_id: self.repository.access_key_id.clone(),
+            secret_access_key: self.repository.secret_access_key.clone(),
+            ca_file: self.repository.ca_file.clone(),
+        }
+    }
+
+    pub fn store_options(&self) -> StoreOptions {
+        StoreOptions {
+            retry_deadline: self.repository.retry_timeout,
+            connect_timeout: self.repository.connect_timeout,
+        }
+    }
+}
 
 pub struct ClusterHandle {
     pub name: String,

@@ -9,8 +9,6 @@ use secrecy::SecretString;
 use serde::{Deserialize, Deserializer};
 
 use crate::schedule::{Schedule, parse_timezone};
-use crate::store::StoreOptions;
-use crate::store::s3::S3Settings;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tidemark/tidemark.toml";
 
@@ -646,23 +644,8 @@ impl Config {
         self.clusters.keys().cloned().collect::<Vec<_>>().join(", ")
     }
 
-    pub fn s3_settings(&self) -> S3Settings {
-        S3Settings {
-            endpoint: self.repository.endpoint.clone(),
-            region: self.repository.region.clone(),
-            force_path_style: self.repository.force_path_style,
-            access_key_id: self.repository.access_key_id.clone(),
-            secret_access_key: self.repository.secret_access_key.clone(),
-            ca_file: self.repository.ca_file.clone(),
-        }
-    }
-
-    pub fn store_options(&self) -> StoreOptions {
-        StoreOptions {
-            retry_deadline: self.repository.retry_timeout,
-            connect_timeout: self.repository.connect_timeout,
-        }
-    }
+    // `s3_settings` and `store_options`, the store's view of [repository], are in cluster.rs:
+    // this module is the lowest layer and knows no store types.
 }
 
 /// Cluster names become a path component of the repository.

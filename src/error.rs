@@ -248,7 +248,11 @@ impl From<RepoError> for Error {
     fn from(e: RepoError) -> Error {
         match e {
             RepoError::Store(s) => Error::Store(s),
-            other => Error::Repository(other.to_string()),
+            RepoError::Integrity(m) => Error::Integrity(m),
+            RepoError::Pipeline(p) => TransferError::Pipeline(p).into(),
+            other @ (RepoError::NotInitialised { .. } | RepoError::Corrupt(_)) => {
+                Error::Repository(other.to_string())
+            }
         }
     }
 }

@@ -18,12 +18,11 @@ use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{self, Event, Outcome};
-use crate::backup::{BACKUP_LOCK_KEY, remove_incomplete};
 use crate::cluster::ClusterHandle;
 use crate::error::Error;
 use crate::pg::wal::{Lsn, WalFileKind, segment_of};
-use crate::repo::Repository;
 use crate::repo::manifest::BackupManifest;
+use crate::repo::{BACKUP_LOCK_KEY, Repository, layout};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExpirePlan {
@@ -100,21 +99,17 @@ pub async fn plan(cluster: &ClusterHandle, now: DateTime<Utc>) -> Result<ExpireP
     match boundary {
         None => notes.push("no complete backup: all WAL is kept".into()),
         Some(boundary) => {
-            let prefix = cluster.repo.key("wal/");
-            for meta in cluster.repo.store().list(&prefix).await? {
-                let rel = &meta.key[prefix.len()..];
-                let Some(f) = rel
-                    .split_once('/')
-                    .and_then(|(_, n)| crate::pg::wal::WalFileName::parse(n))
-                else {
+            // Every WAL file name, in whatever timeline directory: all of it is archive.
+            for o in cluster.repo.list_wal_objects().await? {
+                let Some(f) = o.file else {
                     continue;
                 };
                 if f.kind == WalFileKind::TimelineHistory {
                     continue;
                 }
                 if f.segment_no(ss).is_some_and(|n| n < boundary) {
-                    delete_wal_bytes += meta.size;
-                    delete_wal.push(meta.key);
+                    delete_wal_bytes += o.meta.size;
+                    delete_wal.push(o.meta.key);
                 }
             }
         }
@@ -155,10 +150,7 @@ pub async fn execute(cluster: &ClusterHandle, plan: ExpirePlan) -> Result<Expire
                 format!(" ({})", done_backups.join(", "))
             }
         ));
-        event.objects = done_backups
-            .iter()
-            .map(|id| BackupManifest::manifest_name(id))
-            .collect();
+        event.objects = done_backups.iter().map(|id| layout::manifest(id)).collect();
         audit::record(cluster, &info, &keyring, event.outcome_of(&result)).await;
     }
     result
@@ -173,17 +165,20 @@ async fn execute_plan(
     let repo: &Repository = &cluster.repo;
     for id in &plan.delete_backups {
         // Manifest first: from then on the backup is incomplete, never half-listed.
-        repo.store()
-            .delete(&repo.key(&BackupManifest::manifest_name(id)))
-            .await?;
-        repo.store()
-            .remove_prefix(&repo.key(&format!("backups/{id}/")))
-            .await?;
+        repo.delete_backup(id).await?;
         done_backups.push(id.clone());
         tracing::info!(backup = %id, "expired backup");
     }
     for key in &plan.delete_wal {
-        repo.store().delete(key).await?;
+        // The plan names WAL by store key (as it prints them): keys of this repository's
+        // listing.
+        let name = repo.name_of(key).ok_or_else(|| {
+            Error::Internal(format!(
+                "{key}: not an object of cluster {}",
+                repo.cluster()
+            ))
+        })?;
+        repo.delete(name).await?;
         *done_wal += 1;
     }
     if !plan.delete_wal.is_empty() {
@@ -232,7 +227,7 @@ async fn remove_incomplete_if_idle(cluster: &ClusterHandle) -> Vec<String> {
     if !locked {
         return Vec::new(); // a backup is running; its directory is not a leftover
     }
-    let removed = match remove_incomplete(&cluster.repo).await {
+    let removed = match cluster.repo.remove_incomplete().await {
         Ok(v) => v,
         Err(e) => {
             tracing::warn!(error = %e, "removing leftovers of incomplete backups failed");

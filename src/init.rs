@@ -44,7 +44,7 @@ pub async fn init(cluster: &ClusterHandle) -> Result<InitOutcome, Error> {
             return Err(Error::Repository(format!(
                 "repository {} of cluster {} is initialised for PostgreSQL system {}, but {} is system {}: \
                  another cluster's repository; use another cluster name",
-                cluster.repo.store().describe(),
+                cluster.repo.describe(),
                 cluster.name,
                 info.system_identifier,
                 cluster.name,

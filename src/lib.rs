@@ -1,8 +1,10 @@
 //! tidemark: PostgreSQL backup and point-in-time recovery.
 //!
-//! Layers (a lower one never imports a higher one), top to bottom:
-//! `cli/` → operations (`wal`) → `repo` (catalog) → `transfer` → `pipeline` / `store` → `pg`,
-//! `config`. See docs/architecture.md.
+//! Layers (a lower one never imports a higher one; `scripts/check-layers` checks it), top to
+//! bottom: `cli/` (the binary) → `daemon` → operations (`init`, `wal`, `backup`, `list`,
+//! `restore`, `expire`, `check`, `drill`, `audit`) → support (`cluster`, `parallel`,
+//! `progress`, `error`, `state`) → `repo` (catalog) → `transfer` → `pipeline` → `store` → `pg`
+//! → `config`, `schedule` → base (`rand`, `host`). See docs/architecture.md.
 
 pub mod audit;
 pub mod backup;
@@ -20,6 +22,7 @@ pub mod parallel;
 pub mod pg;
 pub mod pipeline;
 pub mod progress;
+pub mod rand;
 pub mod repo;
 pub mod restore;
 pub mod schedule;
@@ -27,6 +30,3 @@ pub mod state;
 pub mod store;
 pub mod transfer;
 pub mod wal;
-
-/// Where `restore_config` was before it moved into `restore/`.
-pub use restore::config as restore_config;

@@ -12,9 +12,9 @@ use crate::pg::control::{LONG_PAGE_HEADER_LEN, parse_segment_header, read_system
 use crate::pg::wal::{WalFileKind, WalFileName};
 use crate::pipeline::EncodeOptions;
 use crate::repo::walindex::{WalSummary, summarise};
-use crate::repo::{ClusterInfo, Repository, has_segment_header};
+use crate::repo::{ClusterInfo, RepoError, has_segment_header, layout};
 use crate::store::StoreError;
-use crate::transfer::{self, TransferError};
+use crate::transfer;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PushOutcome {
@@ -50,18 +50,18 @@ pub async fn wal_push(cluster: &ClusterHandle, path: &Path) -> Result<PushOutcom
     let info = cluster.repo.read_info().await?;
     check_belongs(cluster, &info, &wal, path, &mut file, size)?;
     let keyring = cluster.keyring(&info).await?;
-    let obj = cluster.repo.object(&info, Repository::wal_name(&wal));
+    let obj = cluster.repo.object(&info, layout::wal(&wal));
 
-    if cluster.repo.store().head(&obj.key).await?.is_some() {
+    if cluster.repo.exists(&obj.name).await? {
         // PostgreSQL retries a file whose archiving it could not confirm (e.g. after a crash):
         // the same content is success, different content must never overwrite the archive.
         let local = File::open(path)
             .map_err(|e| Error::InvalidInput(format!("{}: cannot open: {e}", path.display())))?;
         let cmp = Comparator::new(local);
-        let (stats, cmp) = transfer::get(cluster.repo.store(), &obj, &keyring, false, cmp).await?;
+        let (stats, cmp) = cluster.repo.get_object(&obj, &keyring, false, cmp).await?;
         if cmp.finish()? {
             // The earlier push may have died between its rename and its directory fsync.
-            cluster.repo.store().ensure_durable(&obj.key).await?;
+            cluster.repo.ensure_durable(&obj.name).await?;
             tracing::info!(file = %wal.name, "already archived with identical content");
             return Ok(PushOutcome {
                 name: wal.name,
@@ -85,7 +85,7 @@ pub async fn wal_push(cluster: &ClusterHandle, path: &Path) -> Result<PushOutcom
         zstd_workers: wal_push_workers(),
         ..cluster.encode
     };
-    let stats = transfer::put(cluster.repo.store(), &obj, &keyring, encode, src).await?;
+    let stats = cluster.repo.put_object(&obj, &keyring, encode, src).await?;
     if stats.original_bytes != size {
         // The file changed under us; what was stored may not be what PostgreSQL meant.
         return Err(Error::InvalidInput(format!(
@@ -134,7 +134,7 @@ fn check_belongs(
              is for system {repo_sysid}: refusing to mix clusters",
             path.display(),
             cluster.name,
-            cluster.repo.store().describe()
+            cluster.repo.describe()
         ))
     };
     if has_segment_header(wal.kind) {
@@ -263,10 +263,10 @@ pub async fn wal_fetch(
     let wal = WalFileName::parse(name)
         .ok_or_else(|| Error::InvalidInput(format!("{name:?} is not a WAL file name")))?;
     let info = cluster.repo.read_info().await?;
-    let obj = cluster.repo.object(&info, Repository::wal_name(&wal));
+    let obj = cluster.repo.object(&info, layout::wal(&wal));
     // Probe before loading keys: PostgreSQL asks for many files that do not exist, and those
     // answers should be quick and quiet.
-    if cluster.repo.store().head(&obj.key).await?.is_none() {
+    if !cluster.repo.exists(&obj.name).await? {
         return Err(Error::NotFound(format!("{name}: not in the repository")));
     }
     let keyring = cluster.keyring(&info).await?;
@@ -305,9 +305,9 @@ async fn fetch_to(
         .map_err(|e| Error::LocalIo(format!("{}: {e}", tmp.display())))?;
     let guard = TempFile(Some(tmp.clone()));
     let out = io::BufWriter::with_capacity(256 * 1024, file);
-    let (stats, out) = match transfer::get(cluster.repo.store(), obj, keyring, false, out).await {
+    let (stats, out) = match cluster.repo.get_object(obj, keyring, false, out).await {
         Ok(r) => r,
-        Err(TransferError::Store(StoreError::NotFound { .. })) => {
+        Err(RepoError::Store(StoreError::NotFound { .. })) => {
             return Err(Error::NotFound(format!("{name}: not in the repository")));
         }
         Err(e) => return Err(e.into()),

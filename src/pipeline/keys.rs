@@ -32,13 +32,10 @@ const MASTER_ID_INFO: &[u8] = b"tidemark/v1/master-key-id";
 const DEK_WRAP_AAD: &[u8] = b"tidemark/v1/dek";
 const AUDIT_MAC_INFO: &[u8] = b"tidemark/v1/audit-mac";
 
-/// Fills `buf` from the operating system's CSPRNG (getrandom(2)).
-///
-/// Not AWS-LC's RNG: seeding that costs 25-45 ms of CPU-jitter entropy collection in every
-/// process, and wal-push is one process per segment. Salts, ids, keys and wrapping nonces need
-/// unpredictability, which the kernel's CSPRNG provides.
+/// Fills `buf` from the operating system's CSPRNG ([`crate::rand`], which says why not
+/// AWS-LC's), failing as a `CryptError` like the rest of this module.
 pub fn random_bytes(buf: &mut [u8]) -> Result<(), CryptError> {
-    getrandom::fill(buf).map_err(|_| CryptError::Random)
+    crate::rand::random_bytes(buf).map_err(|_| CryptError::Random)
 }
 
 /// The cluster's master key, as read from its key file.

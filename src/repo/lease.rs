@@ -84,7 +84,7 @@ pub struct Lease {
 }
 
 fn key(repo: &Repository, name: &str) -> String {
-    repo.key(&format!("locks/{name}.json"))
+    repo.key(&super::layout::lease(name))
 }
 
 /// The lease as stored, if any (expired or not). An unparsable object reads as no lease: it

@@ -134,12 +134,14 @@ pub struct PackEntry {
 }
 
 impl BackupManifest {
+    /// `layout::pack`.
     pub fn pack_name(backup_id: &str, pack: u32) -> String {
-        format!("backups/{backup_id}/packs/{pack:06}")
+        super::layout::pack(backup_id, pack)
     }
 
+    /// `layout::manifest`.
     pub fn manifest_name(backup_id: &str) -> String {
-        format!("backups/{backup_id}/manifest")
+        super::layout::manifest(backup_id)
     }
 }
 
@@ -171,8 +173,9 @@ pub struct TableCount {
 }
 
 impl RowCounts {
+    /// `layout::counts`.
     pub fn object_name(backup_id: &str) -> String {
-        format!("backups/{backup_id}/counts")
+        super::layout::counts(backup_id)
     }
 
     pub fn restore_point_name(backup_id: &str) -> String {

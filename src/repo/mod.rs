@@ -1,27 +1,25 @@
-//! The repository catalog: what each object of a cluster's repository is called and means.
+//! The repository catalog: what each object of a cluster's repository is called and means, and
+//! every read and write of it. Operations name objects through `layout` and move them through
+//! `Repository`'s methods; they never compose a name or reach the store themselves.
 //!
-//! Layout under the store root (docs/format.md is normative):
-//! ```text
-//! <cluster>/cluster.json                 identity of the cluster (plain JSON), written last by init
-//! <cluster>/keys/keyring.json            data keys wrapped by the master key
-//! <cluster>/wal/<TLI>/<walfile>          WAL segments, .partial, .backup and .history files
-//! ```
-//! Each cluster has its own directory and master key: nothing is shared between clients.
+//! Each cluster has its own directory (`layout` lists what it holds; docs/format.md is
+//! normative) and master key: nothing is shared between clients.
 
+use std::io::{Read, Write};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::error::Error;
 use crate::pg::wal::{Lsn, segment_name};
 use crate::pg::wal::{WalFileKind, WalFileName};
 use crate::pg::walscan::{WalScan, WalScanner};
-use crate::pipeline::Keyring;
+use crate::pipeline::crypt::DecodeStats;
 use crate::pipeline::keys::KeyringFile;
-use crate::store::{Store, StoreError};
-use crate::transfer::{self, ObjectRef};
-use manifest::BackupManifest;
+use crate::pipeline::{EncodeOptions, EncodeStats, Keyring, PipelineError};
+use crate::store::{ObjectMeta, Store, StoreError};
+use crate::transfer::{self, ObjectRef, TransferError};
 use window::{ArchiveIndex, BackupRange};
 
 /// Archived WAL files with the time each was stored, and objects that are not WAL files.
@@ -30,10 +28,14 @@ pub type WalListing = (
     Vec<String>,
 );
 
+pub mod backups;
+pub mod layout;
 pub mod lease;
 pub mod manifest;
 pub mod walindex;
 pub mod window;
+
+pub use backups::BACKUP_LOCK_KEY;
 
 pub const REPOSITORY_FORMAT: u32 = 1;
 const MAX_META_BYTES: u64 = 1 << 20;
@@ -67,16 +69,44 @@ impl ClusterInfo {
     }
 }
 
+/// What the catalog fails with; `error::Error` maps it to an exit code (Corrupt and
+/// NotInitialised: repository; Integrity: integrity; Store: store; Pipeline: as the pipeline's
+/// errors map).
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
     #[error(
         "cluster {cluster} has no repository in {store}: run `tidemark --cluster {cluster} init` first"
     )]
     NotInitialised { cluster: String, store: String },
+    /// Metadata that is missing, unreadable or of another format or cluster.
     #[error("{0}")]
     Corrupt(String),
+    /// An object whose content is not what its name says (a manifest that does not parse, or
+    /// names another backup).
+    #[error("{0}")]
+    Integrity(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Encoding or decoding an encrypted object failed (keys, format, authentication).
+    #[error(transparent)]
+    Pipeline(PipelineError),
+}
+
+impl From<TransferError> for RepoError {
+    fn from(e: TransferError) -> RepoError {
+        match e {
+            TransferError::Store(s) => RepoError::Store(s),
+            TransferError::Pipeline(p) => RepoError::Pipeline(p),
+        }
+    }
+}
+
+/// An object a listing found: its name (relative to the cluster directory) and its metadata
+/// (`meta.key` is the full store key).
+#[derive(Debug, Clone)]
+pub struct StoredObject {
+    pub name: String,
+    pub meta: ObjectMeta,
 }
 
 /// One cluster's part of a store.
@@ -115,34 +145,132 @@ impl Repository {
         }
     }
 
-    pub async fn read_info(&self) -> Result<ClusterInfo, RepoError> {
-        let bytes = match self
-            .store
-            .get_bytes(&self.key("cluster.json"), MAX_META_BYTES)
-            .await
-        {
+    /// A printable name of the store (URL without credentials).
+    pub fn describe(&self) -> String {
+        self.store.describe()
+    }
+
+    /// The name (relative to the cluster directory) of a key a listing of this repository
+    /// returned; None for a key outside it.
+    pub fn name_of<'k>(&self, key: &'k str) -> Option<&'k str> {
+        key.strip_prefix(self.cluster.as_str())?.strip_prefix('/')
+    }
+
+    // Plain objects: metadata people and other hosts read without keys.
+
+    /// Writes plain JSON object `name`, pretty-printed.
+    pub async fn put_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), RepoError> {
+        let json =
+            serde_json::to_vec_pretty(value).map_err(|e| RepoError::Corrupt(e.to_string()))?;
+        self.put_plain(name, Bytes::from(json)).await
+    }
+
+    /// Reads plain JSON object `name` (at most `limit` bytes); None when there is none.
+    pub async fn get_json<T: DeserializeOwned>(
+        &self,
+        name: &str,
+        limit: u64,
+    ) -> Result<Option<T>, RepoError> {
+        let bytes = match self.get_plain(name, limit).await {
             Ok(b) => b,
-            Err(StoreError::NotFound { .. }) => {
-                return Err(RepoError::NotInitialised {
-                    cluster: self.cluster.clone(),
-                    store: self.store.describe(),
-                });
-            }
-            Err(e) => return Err(e.into()),
+            Err(RepoError::Store(StoreError::NotFound { .. })) => return Ok(None),
+            Err(e) => return Err(e),
         };
-        let info: ClusterInfo = serde_json::from_slice(&bytes)
-            .map_err(|e| RepoError::Corrupt(format!("{}: {e}", self.key("cluster.json"))))?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| RepoError::Corrupt(format!("{}: {e}", self.key(name))))
+    }
+
+    /// Stores plain object `name` in one piece.
+    pub async fn put_plain(&self, name: &str, data: Bytes) -> Result<(), RepoError> {
+        Ok(self.store.put_bytes(&self.key(name), data).await?)
+    }
+
+    /// Reads plain object `name` whole, refusing one larger than `limit` bytes.
+    pub async fn get_plain(&self, name: &str, limit: u64) -> Result<Vec<u8>, RepoError> {
+        Ok(self.store.get_bytes(&self.key(name), limit).await?)
+    }
+
+    // Any object.
+
+    pub async fn head(&self, name: &str) -> Result<Option<ObjectMeta>, RepoError> {
+        Ok(self.store.head(&self.key(name)).await?)
+    }
+
+    pub async fn exists(&self, name: &str) -> Result<bool, RepoError> {
+        Ok(self.head(name).await?.is_some())
+    }
+
+    /// Deletes object `name`; a missing one is not an error.
+    pub async fn delete(&self, name: &str) -> Result<(), RepoError> {
+        Ok(self.store.delete(&self.key(name)).await?)
+    }
+
+    /// Every object whose name starts with `prefix`, sorted by name.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<StoredObject>, RepoError> {
+        let skip = self.cluster.len() + 1;
+        Ok(self
+            .store
+            .list(&self.key(prefix))
+            .await?
+            .into_iter()
+            .map(|meta| StoredObject {
+                name: meta.key[skip..].to_string(),
+                meta,
+            })
+            .collect())
+    }
+
+    /// Makes an existing object durable (see `Store::ensure_durable`).
+    pub async fn ensure_durable(&self, name: &str) -> Result<(), RepoError> {
+        Ok(self.store.ensure_durable(&self.key(name)).await?)
+    }
+
+    // Encrypted objects, through the pipeline.
+
+    /// Encodes everything `src` yields into new object `obj`; returns once it is durable.
+    pub async fn put_object<R: Read + Send + 'static>(
+        &self,
+        obj: &ObjectRef,
+        keyring: &Arc<Keyring>,
+        opts: EncodeOptions,
+        src: R,
+    ) -> Result<EncodeStats, RepoError> {
+        Ok(transfer::put(&self.store, obj, keyring, opts, src).await?)
+    }
+
+    /// Decodes object `obj` into `dst`, each chunk authenticated before it reaches `dst`.
+    pub async fn get_object<W: Write + Send + 'static>(
+        &self,
+        obj: &ObjectRef,
+        keyring: &Arc<Keyring>,
+        want_sha256: bool,
+        dst: W,
+    ) -> Result<(DecodeStats, W), RepoError> {
+        Ok(transfer::get(&self.store, obj, keyring, want_sha256, dst).await?)
+    }
+
+    // cluster.json and the keyring.
+
+    pub async fn read_info(&self) -> Result<ClusterInfo, RepoError> {
+        let name = layout::cluster_info();
+        let Some(info) = self.get_json::<ClusterInfo>(name, MAX_META_BYTES).await? else {
+            return Err(RepoError::NotInitialised {
+                cluster: self.cluster.clone(),
+                store: self.store.describe(),
+            });
+        };
         if info.format != REPOSITORY_FORMAT {
             return Err(RepoError::Corrupt(format!(
                 "{}: repository format {} is not supported by this tidemark (knows {REPOSITORY_FORMAT})",
-                self.key("cluster.json"),
+                self.key(name),
                 info.format
             )));
         }
         if info.cluster != self.cluster {
             return Err(RepoError::Corrupt(format!(
                 "{}: belongs to cluster {:?}, not {:?}",
-                self.key("cluster.json"),
+                self.key(name),
                 info.cluster,
                 self.cluster
             )));
@@ -152,44 +280,32 @@ impl Repository {
 
     /// Whether cluster.json exists (init writes it last).
     pub async fn is_initialised(&self) -> Result<bool, RepoError> {
-        Ok(self.store.head(&self.key("cluster.json")).await?.is_some())
+        self.exists(layout::cluster_info()).await
     }
 
     pub async fn write_info(&self, info: &ClusterInfo) -> Result<(), RepoError> {
-        let json =
-            serde_json::to_vec_pretty(info).map_err(|e| RepoError::Corrupt(e.to_string()))?;
-        self.store
-            .put_bytes(&self.key("cluster.json"), Bytes::from(json))
-            .await?;
-        Ok(())
+        self.put_json(layout::cluster_info(), info).await
     }
 
     pub async fn read_keyring(&self) -> Result<KeyringFile, RepoError> {
-        let key = self.key("keys/keyring.json");
-        let bytes = match self.store.get_bytes(&key, MAX_META_BYTES).await {
-            Ok(b) => b,
-            Err(StoreError::NotFound { .. }) => {
-                return Err(RepoError::Corrupt(format!(
-                    "{key} is missing: the repository's data keys are gone"
-                )));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        serde_json::from_slice(&bytes).map_err(|e| RepoError::Corrupt(format!("{key}: {e}")))
+        let name = layout::keyring();
+        self.get_json(name, MAX_META_BYTES).await?.ok_or_else(|| {
+            RepoError::Corrupt(format!(
+                "{} is missing: the repository's data keys are gone",
+                self.key(name)
+            ))
+        })
     }
 
     pub async fn write_keyring(&self, file: &KeyringFile) -> Result<(), RepoError> {
-        let json =
-            serde_json::to_vec_pretty(file).map_err(|e| RepoError::Corrupt(e.to_string()))?;
-        self.store
-            .put_bytes(&self.key("keys/keyring.json"), Bytes::from(json))
-            .await?;
-        Ok(())
+        self.put_json(layout::keyring(), file).await
     }
 
-    /// Name (relative to the cluster directory) of an archived WAL file.
+    // The WAL archive.
+
+    /// Name (relative to the cluster directory) of an archived WAL file; `layout::wal`.
     pub fn wal_name(file: &WalFileName) -> String {
-        format!("wal/{:08X}/{}", file.timeline, file.name)
+        layout::wal(file)
     }
 
     /// Every archived WAL file, parsed; objects with other names are reported as strays.
@@ -200,59 +316,52 @@ impl Repository {
 
     /// Like `list_wal`, with the time each file was archived.
     pub async fn list_wal_meta(&self) -> Result<WalListing, RepoError> {
-        let prefix = self.key("wal/");
         let mut files = Vec::new();
         let mut strays = Vec::new();
-        for meta in self.store.list(&prefix).await? {
-            let rel = &meta.key[prefix.len()..];
-            let parsed = rel.split_once('/').and_then(|(tli, name)| {
-                WalFileName::parse(name).filter(|f| format!("{:08X}", f.timeline) == tli)
-            });
-            match parsed {
-                Some(f) => files.push((f, meta.modified)),
-                None => strays.push(meta.key),
+        for o in self.list_wal_objects().await? {
+            match o.file {
+                Some(f) if o.in_place => files.push((f, o.meta.modified)),
+                _ => strays.push(o.meta.key),
             }
         }
         Ok((files, strays))
     }
 
-    /// Every complete backup (one with a manifest), oldest first.
-    pub async fn load_manifests(
-        &self,
-        info: &ClusterInfo,
-        keyring: &Arc<Keyring>,
-    ) -> Result<Vec<BackupManifest>, Error> {
-        let prefix = self.key("backups/");
-        let mut out = Vec::new();
-        for meta in self.store.list(&prefix).await? {
-            let rel = &meta.key[prefix.len()..];
-            let Some((id, "manifest")) = rel.split_once('/') else {
-                continue;
-            };
-            let obj = self.object(info, BackupManifest::manifest_name(id));
-            let (_, bytes) = transfer::get(&self.store, &obj, keyring, false, Vec::new()).await?;
-            let m: BackupManifest = serde_json::from_slice(&bytes).map_err(|e| {
-                Error::Integrity(format!("{}: manifest does not parse: {e}", obj.key))
-            })?;
-            if m.id != id {
-                return Err(Error::Integrity(format!(
-                    "{}: manifest of backup {}",
-                    obj.key, m.id
-                )));
-            }
-            // Checked once here, so later code can read the LSNs without a fallback.
-            for (what, lsn) in [("start_lsn", &m.start_lsn), ("stop_lsn", &m.stop_lsn)] {
-                if lsn.parse::<Lsn>().is_err() {
-                    return Err(Error::Integrity(format!(
-                        "{}: manifest has an invalid {what} {lsn:?}",
-                        obj.key
-                    )));
+    /// Every object under `wal/`, with the WAL file its name is (if it is one).
+    pub async fn list_wal_objects(&self) -> Result<Vec<WalObject>, RepoError> {
+        Ok(self
+            .list(layout::wal_prefix())
+            .await?
+            .into_iter()
+            .map(|o| {
+                let parsed = layout::split_wal(&o.name)
+                    .and_then(|(tli, name)| WalFileName::parse(name).map(|f| (tli, f)));
+                let in_place = parsed
+                    .as_ref()
+                    .is_some_and(|(tli, f)| format!("{:08X}", f.timeline) == *tli);
+                WalObject {
+                    file: parsed.map(|(_, f)| f),
+                    in_place,
+                    meta: o.meta,
                 }
-            }
-            out.push(m);
-        }
-        out.sort_by(|a, b| a.stop_time.cmp(&b.stop_time).then(a.id.cmp(&b.id)));
-        Ok(out)
+            })
+            .collect())
+    }
+
+    /// The names of timeline `timeline`'s archived files that start with `name_prefix` (a
+    /// narrow listing: a timeline's archive grows to many thousands of objects).
+    pub async fn archived_wal_names(
+        &self,
+        timeline: u32,
+        name_prefix: &str,
+    ) -> Result<std::collections::HashSet<String>, RepoError> {
+        let dir = layout::wal_timeline(timeline);
+        Ok(self
+            .list(&format!("{dir}{name_prefix}"))
+            .await?
+            .into_iter()
+            .map(|o| o.name[dir.len()..].to_string())
+            .collect())
     }
 
     /// Replaces the provisional ends of restorable ranges with what the WAL says: the last
@@ -262,7 +371,7 @@ impl Repository {
         info: &ClusterInfo,
         keyring: &Arc<Keyring>,
         ranges: &mut [BackupRange],
-    ) -> Result<(), Error> {
+    ) -> Result<(), RepoError> {
         let mut cache: std::collections::HashMap<(u32, u64), WalScan> = Default::default();
         for r in ranges.iter_mut().filter(|r| r.restorable) {
             let mut to_time = None;
@@ -299,12 +408,11 @@ impl Repository {
         keyring: &Arc<Keyring>,
         tli: u32,
         segno: u64,
-    ) -> Result<WalScan, Error> {
+    ) -> Result<WalScan, RepoError> {
         let ss = info.wal_segment_size;
-        let name = format!("wal/{tli:08X}/{}", segment_name(tli, segno, ss));
-        let obj = self.object(info, name);
+        let obj = self.object(info, layout::wal_file(tli, &segment_name(tli, segno, ss)));
         let scanner = WalScanner::new(Lsn(segno * ss));
-        let (_, scanner) = transfer::get(&self.store, &obj, keyring, false, scanner).await?;
+        let (_, scanner) = self.get_object(&obj, keyring, false, scanner).await?;
         Ok(scanner.finish())
     }
 
@@ -313,22 +421,33 @@ impl Repository {
         &self,
         info: &ClusterInfo,
         keyring: &Arc<Keyring>,
-    ) -> Result<ArchiveIndex, Error> {
+    ) -> Result<ArchiveIndex, RepoError> {
         let (files, _) = self.list_wal_meta().await?;
         let mut idx = ArchiveIndex::new(info.wal_segment_size, &files);
         for (f, _) in &files {
             if f.kind != WalFileKind::TimelineHistory {
                 continue;
             }
-            let obj = self.object(info, Repository::wal_name(f));
-            let (_, bytes) = transfer::get(&self.store, &obj, keyring, false, Vec::new()).await?;
+            let obj = self.object(info, layout::wal(f));
+            let (_, bytes) = self.get_object(&obj, keyring, false, Vec::new()).await?;
             let text = String::from_utf8_lossy(&bytes);
             let parsed = crate::pg::history::parse(&text)
-                .map_err(|e| Error::Integrity(format!("{}: {e}", obj.key)))?;
+                .map_err(|e| RepoError::Integrity(format!("{}: {e}", obj.key)))?;
             idx.histories.insert(f.timeline, parsed);
         }
         Ok(idx)
     }
+}
+
+/// An object under `wal/` (see `Repository::list_wal_objects`).
+#[derive(Debug, Clone)]
+pub struct WalObject {
+    pub meta: ObjectMeta,
+    /// The WAL file its name is, whatever timeline directory holds it.
+    pub file: Option<WalFileName>,
+    /// Filed where wal-push puts it: under its own timeline's directory. Listings take only
+    /// these as archived files; anything else is a stray.
+    pub in_place: bool,
 }
 
 /// Whether a WAL file kind carries a segment header that can be checked.

@@ -87,7 +87,7 @@ impl Store for LocalStore {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let mut rnd = [0u8; 8];
-        crate::pipeline::keys::random_bytes(&mut rnd)
+        crate::rand::random_bytes(&mut rnd)
             .map_err(|e| self.failed("create", key, e.to_string()))?;
         let tmp = dir.join(format!(".{name}.tmp.{}", hex::encode(rnd)));
         let d = dir.clone();
