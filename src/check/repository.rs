@@ -21,23 +21,20 @@ pub(super) async fn repository(cluster: &ClusterHandle) -> (CheckResult, Option<
         Ok(info) => info,
         Err(e) => return (crit("repository", e.to_string()), None),
     };
-    let store = cluster.repo.store();
+    let repo = &cluster.repo;
     let mut rnd = [0u8; 6];
     let _ = crate::pipeline::keys::random_bytes(&mut rnd);
-    let probe = cluster
-        .repo
-        .key(&format!("check/probe-{}", hex::encode(rnd)));
+    let probe = crate::repo::layout::check_probe(&hex::encode(rnd));
     let res = async {
-        store
-            .put_bytes(&probe, Bytes::from_static(b"tidemark check"))
+        repo.put_plain(&probe, Bytes::from_static(b"tidemark check"))
             .await?;
-        store.delete(&probe).await
+        repo.delete(&probe).await
     }
     .await;
     let result = match res {
         Ok(()) => ok(
             "repository",
-            format!("{} reachable and writable", store.describe()),
+            format!("{} reachable and writable", repo.describe()),
         ),
         Err(e) => crit("repository", format!("not writable: {e}")),
     };

@@ -207,10 +207,10 @@ pub(super) async fn archive_end_to_end(
     let Some(f) = WalFileName::parse(&name) else {
         return crit("archive", format!("unexpected segment name {name:?}"));
     };
-    let key = cluster.repo.key(&format!("wal/{:08X}/{name}", f.timeline));
+    let segment = crate::repo::layout::wal(&f);
     let started = Instant::now();
     loop {
-        match cluster.repo.store().head(&key).await {
+        match cluster.repo.head(&segment).await {
             Ok(Some(_)) => {
                 let mut r = ok(
                     "archive",

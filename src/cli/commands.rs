@@ -55,11 +55,7 @@ pub async fn cmd_init(cli: &Cli, a: &InitArgs) -> Result<(), Error> {
     if a.json {
         return print_json(&out);
     }
-    println_out(&render_init(
-        &out,
-        &cluster.name,
-        &cluster.repo.store().describe(),
-    ))
+    println_out(&render_init(&out, &cluster.name, &cluster.repo.describe()))
 }
 
 pub async fn cmd_wal_push(cli: &Cli, a: &WalPushArgs) -> Result<(), Error> {

@@ -170,11 +170,10 @@ pub(super) async fn row_counts(
     }
     match cluster
         .repo
-        .store()
-        .head(&cluster.repo.key(&RowCounts::object_name(backup)))
+        .exists(&crate::repo::layout::counts(backup))
         .await
     {
-        Ok(Some(_)) => Some(DrillCheck {
+        Ok(true) => Some(DrillCheck {
             name: "row_counts".into(),
             ok: true,
             detail: "skipped: recorded at the backup's count point; compared by drills with --target backup".into(),

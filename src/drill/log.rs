@@ -62,16 +62,12 @@ pub(super) async fn store_server_log(
 ) -> Option<String> {
     let info = cluster.repo.read_info().await.ok()?;
     let keyring = cluster.keyring(&info).await.ok()?;
-    let name = format!("drills/{id}.log");
+    let name = crate::repo::layout::drill_log(id);
     let obj = cluster.repo.object(&info, name.clone());
-    match crate::transfer::put(
-        cluster.repo.store(),
-        &obj,
-        &keyring,
-        cluster.encode,
-        std::io::Cursor::new(bytes),
-    )
-    .await
+    match cluster
+        .repo
+        .put_object(&obj, &keyring, cluster.encode, std::io::Cursor::new(bytes))
+        .await
     {
         Ok(_) => Some(name),
         Err(e) => {

@@ -9,7 +9,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +16,7 @@ use crate::audit::{Event, Outcome};
 use crate::cluster::{Catalog, ClusterHandle};
 use crate::error::Error;
 use crate::pg::wal::Lsn;
+use crate::repo::layout;
 use crate::restore::{
     self, ArchiveMode, RestoreOptions, RestoreOutcome, StartOptions, StartOutcome,
 };
@@ -207,14 +207,9 @@ impl DrillRecord {
 
 /// The record, as `drills/<id>.json` in the repository.
 async fn store_record(cluster: &ClusterHandle, record: &DrillRecord) -> Result<(), Error> {
-    let json = serde_json::to_vec_pretty(record).map_err(|e| Error::Internal(e.to_string()))?;
     cluster
         .repo
-        .store()
-        .put_bytes(
-            &cluster.repo.key(&format!("drills/{}.json", record.id)),
-            Bytes::from(json),
-        )
+        .put_json(&layout::drill_record(&record.id), record)
         .await?;
     Ok(())
 }
@@ -234,7 +229,7 @@ async fn audit(cluster: &ClusterHandle, record: &DrillRecord) {
             Outcome::Failed
         },
     )
-    .object(format!("drills/{}.json", record.id))
+    .object(layout::drill_record(&record.id))
     .detail(format!("target {}", record.target));
     event.backup = record.backup.clone();
     if let Some(e) = &record.error {
@@ -430,16 +425,18 @@ fn cleanup(scratch: &Path, socket_dir: &Path) {
 
 /// Past drills of the cluster, oldest first.
 pub async fn history(cluster: &ClusterHandle) -> Result<Vec<DrillRecord>, Error> {
-    let prefix = cluster.repo.key("drills/");
     let mut out = Vec::new();
-    for m in cluster.repo.store().list(&prefix).await? {
-        if !m.key.ends_with(".json") {
+    for m in cluster.repo.list(layout::drills_prefix()).await? {
+        if !m.name.ends_with(".json") {
             continue; // a failed drill's server log
         }
-        let bytes = cluster.repo.store().get_bytes(&m.key, 1 << 20).await?;
-        match serde_json::from_slice::<DrillRecord>(&bytes) {
-            Ok(r) => out.push(r),
-            Err(e) => tracing::warn!(object = %m.key, error = %e, "unreadable drill record"),
+        match cluster.repo.get_json::<DrillRecord>(&m.name, 1 << 20).await {
+            Ok(Some(r)) => out.push(r),
+            Ok(None) => {} // deleted meanwhile
+            Err(crate::repo::RepoError::Corrupt(e)) => {
+                tracing::warn!(object = %m.meta.key, error = %e, "unreadable drill record")
+            }
+            Err(e) => return Err(e.into()),
         }
     }
     out.sort_by_key(|a| a.started);

@@ -93,18 +93,14 @@ async fn backup_with_counts(
     for id in candidates {
         let obj = cluster
             .repo
-            .object(&catalog.info, RowCounts::object_name(id));
-        if cluster.repo.store().head(&obj.key).await?.is_none() {
+            .object(&catalog.info, crate::repo::layout::counts(id));
+        if !cluster.repo.exists(&obj.name).await? {
             continue;
         }
-        let (_, bytes) = crate::transfer::get(
-            cluster.repo.store(),
-            &obj,
-            &catalog.keyring,
-            false,
-            Vec::new(),
-        )
-        .await?;
+        let (_, bytes) = cluster
+            .repo
+            .get_object(&obj, &catalog.keyring, false, Vec::new())
+            .await?;
         let counts: RowCounts = serde_json::from_slice(&bytes)
             .map_err(|e| Error::Integrity(format!("{}: {e}", obj.key)))?;
         return Ok((id.to_string(), counts));

@@ -16,8 +16,8 @@ use crate::cluster::ClusterHandle;
 use crate::error::Error;
 use crate::parallel::run_bounded;
 use crate::progress::Progress;
+use crate::repo::RepoError;
 use crate::repo::manifest::{BackupManifest, Extent};
-use crate::transfer;
 
 /// Every extent to restore, grouped by the pack that holds it.
 #[derive(Default)]
@@ -58,10 +58,10 @@ pub(super) async fn download(
     packs.sort_by_key(|(id, _)| *id);
     let jobs = packs.into_iter().map(|(pack_id, mut extents)| {
         extents.sort_by_key(|e| e.pack_offset);
-        let store = cluster.repo.store().clone();
+        let repo = cluster.repo.clone();
         let obj = cluster
             .repo
-            .object(info, BackupManifest::pack_name(&backup.id, pack_id));
+            .object(info, crate::repo::layout::pack(&backup.id, pack_id));
         let keyring = keyring.clone();
         let counter = progress.counter();
         let backup_id = backup.id.clone();
@@ -73,9 +73,9 @@ pub(super) async fn download(
             let splitter = loop {
                 attempt += 1;
                 let splitter = PackSplitter::new(extents.clone(), counter.clone());
-                match transfer::get(&store, &obj, &keyring, false, splitter).await {
+                match repo.get_object(&obj, &keyring, false, splitter).await {
                     Ok((_, s)) => break s,
-                    Err(transfer::TransferError::Store(e)) if e.is_retryable() && attempt < 3 => {
+                    Err(RepoError::Store(e)) if e.is_retryable() && attempt < 3 => {
                         tracing::warn!(pack = pack_id, attempt, error = %e, "pack download failed, retrying");
                     }
                     Err(e) => return Err(e.into()),

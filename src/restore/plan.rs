@@ -16,7 +16,6 @@ use crate::error::Error;
 use crate::pg::wal::Lsn;
 use crate::repo::manifest::BackupManifest;
 use crate::repo::window::{ArchiveIndex, BackupRange, Window};
-use crate::transfer;
 
 /// A restore, decided. Printable (what a `--dry-run` would show); the run carries out exactly
 /// this and reads nothing else of the options.
@@ -383,17 +382,19 @@ async fn locate_backup_for_target(
             let Some(file_tli) = catalog.index.segment_timeline(tli, segno) else {
                 break; // a gap: nothing beyond is reachable from this backup
             };
-            let name = format!(
-                "wal/{file_tli:08X}/{}",
-                crate::pg::wal::segment_name(file_tli, segno, ss)
+            let name = crate::repo::layout::wal_file(
+                file_tli,
+                &crate::pg::wal::segment_name(file_tli, segno, ss),
             );
             let obj = cluster.repo.object(&catalog.info, name);
             let mut scanner = crate::pg::walscan::WalScanner::new(Lsn(segno * ss));
             if let Some(x) = xid {
                 scanner = scanner.find_xid(x);
             }
-            let (_, scanner) =
-                transfer::get(cluster.repo.store(), &obj, &catalog.keyring, false, scanner).await?;
+            let (_, scanner) = cluster
+                .repo
+                .get_object(&obj, &catalog.keyring, false, scanner)
+                .await?;
             let scan = scanner.finish();
             let found = match &opts.target {
                 RecoveryTarget::Name(n) => scan
