@@ -107,6 +107,7 @@ pub async fn cmd_drill(cli: &Cli, a: &DrillArgs) -> Result<(), Error> {
         backup: a.backup.clone(),
         scratch_dir: a.scratch_dir.clone().unwrap_or_else(std::env::temp_dir),
         config_path: cli.config_path(),
+        tidemark_exe: own_exe()?,
         pg_bin: a.pg_bin.clone(),
         parallelism: a.parallel.unwrap_or_else(default_parallelism),
         timeout: a.timeout,
@@ -210,6 +211,7 @@ pub async fn cmd_restore(cli: &Cli, a: &RestoreArgs) -> Result<(), Error> {
         },
         owner: a.owner.clone(),
         config_path: cli.config_path(),
+        tidemark_exe: own_exe()?,
         config_dir: a.config_dir.as_deref().map(absolute),
         start: a.start.then(|| restore::StartOptions {
             pg_bin: a.pg_bin.clone(),
@@ -285,4 +287,9 @@ async fn audit_verify(clusters: &[ClusterHandle], json: bool) -> Result<(), Erro
     Err(Error::AuditFailed(format!(
         "audit log verification failed: {first}"
     )))
+}
+
+/// This binary: what restore_command runs in a restored or drilled cluster.
+fn own_exe() -> Result<std::path::PathBuf, Error> {
+    std::env::current_exe().map_err(|e| Error::Internal(format!("own path: {e}")))
 }

@@ -47,6 +47,8 @@ pub struct DrillOptions {
     pub backup: Option<String>,
     pub scratch_dir: PathBuf,
     pub config_path: PathBuf,
+    /// The tidemark executable the drill server's restore_command runs.
+    pub tidemark_exe: PathBuf,
     pub pg_bin: Option<PathBuf>,
     pub parallelism: usize,
     pub timeout: std::time::Duration,
@@ -348,6 +350,7 @@ fn restore_options(
         archive_mode: ArchiveMode::Off,
         owner: None,
         config_path: opts.config_path.clone(),
+        tidemark_exe: opts.tidemark_exe.clone(),
         config_dir: None,
         start: Some(StartOptions {
             pg_bin: opts.pg_bin.clone(),

@@ -76,8 +76,11 @@ pub struct RestoreOptions {
     pub archive_mode: ArchiveMode,
     /// OS user to own the restored files when running as root.
     pub owner: Option<String>,
-    /// Config file and binary the restore_command runs.
+    /// Config file the restore_command gives tidemark.
     pub config_path: PathBuf,
+    /// The tidemark executable the restore_command runs (the caller knows it: a library user
+    /// is not tidemark itself).
+    pub tidemark_exe: PathBuf,
     /// Where the server's configuration from outside the data directory goes (Debian-style
     /// directory); None: into the restored data directory.
     pub config_dir: Option<PathBuf>,

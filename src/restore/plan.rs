@@ -96,7 +96,7 @@ pub async fn plan(
         opts,
         wanted,
     )?;
-    let restore_command = RestoreCommand::new(&opts.config_path, &cluster.name)?;
+    let restore_command = RestoreCommand::new(&opts.tidemark_exe, &opts.config_path, &cluster.name);
     let settings = recovery_settings(
         &restore_command,
         &opts.target,

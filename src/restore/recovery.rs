@@ -24,14 +24,13 @@ pub struct RestoreCommand {
 }
 
 impl RestoreCommand {
-    pub(super) fn new(config_path: &Path, cluster: &str) -> Result<RestoreCommand, Error> {
-        let exe = std::env::current_exe().map_err(|e| Error::Internal(format!("own path: {e}")))?;
+    pub(super) fn new(exe: &Path, config_path: &Path, cluster: &str) -> RestoreCommand {
         let config = std::path::absolute(config_path).unwrap_or(config_path.to_path_buf());
-        Ok(RestoreCommand {
-            exe,
+        RestoreCommand {
+            exe: exe.to_path_buf(),
             config,
             cluster: cluster.to_string(),
-        })
+        }
     }
 
     fn command_line(&self) -> String {
