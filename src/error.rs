@@ -231,6 +231,12 @@ impl From<CryptError> for Error {
     }
 }
 
+impl From<crate::pg::conn::PgError> for Error {
+    fn from(e: crate::pg::conn::PgError) -> Error {
+        Error::Postgres(e.to_string())
+    }
+}
+
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Error {
         Error::Store(e)

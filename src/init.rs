@@ -33,10 +33,8 @@ pub async fn init(cluster: &ClusterHandle) -> Result<InitOutcome, Error> {
         ))
     })?;
     let master = cluster.master_key()?;
-    let client = pg::conn::connect(conninfo.expose_secret())
-        .await
-        .map_err(Error::Postgres)?;
-    let id = pg::conn::identify(&client).await.map_err(Error::Postgres)?;
+    let client = pg::conn::connect(conninfo.expose_secret()).await?;
+    let id = pg::conn::identify(&client).await?;
 
     if cluster.repo.is_initialised().await? {
         let info = cluster.repo.read_info().await?;

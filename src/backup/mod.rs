@@ -110,10 +110,8 @@ async fn backup_locked(
             cluster.name
         ))
     })?;
-    let client = pg::conn::connect(conninfo.expose_secret())
-        .await
-        .map_err(Error::Postgres)?;
-    let id = pg::conn::identify(&client).await.map_err(Error::Postgres)?;
+    let client = pg::conn::connect(conninfo.expose_secret()).await?;
+    let id = pg::conn::identify(&client).await?;
     check_identity(cluster, info, &pgdata, &id)?;
     lock::refuse_standby(cluster, &client).await?;
     if let Err(e) = lock::refuse_if_leased(cluster).await {

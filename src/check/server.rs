@@ -31,7 +31,7 @@ pub(super) async fn postgres(
     };
     let c = match crate::pg::conn::connect(conninfo.expose_secret()).await {
         Ok(c) => c,
-        Err(e) => return (crit("postgres", e), None),
+        Err(e) => return (crit("postgres", e.to_string()), None),
     };
     let result = match (crate::pg::conn::identify(&c).await, info) {
         (Ok(id), Some(info)) if info.system_identifier().ok() != Some(id.system_identifier) => {
@@ -47,7 +47,7 @@ pub(super) async fn postgres(
             "postgres",
             format!("reachable, PostgreSQL {}", id.version_num),
         ),
-        (Err(e), _) => crit("postgres", e),
+        (Err(e), _) => crit("postgres", e.to_string()),
     };
     (result, Some(c))
 }

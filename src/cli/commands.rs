@@ -30,13 +30,12 @@ async fn open_clusters(cli: &Cli) -> Result<Vec<ClusterHandle>, Error> {
             ClusterHandle::open(config, cli.cluster.as_deref()).await?,
         ]);
     }
-    let store = tidemark::store::open(
+    let store = tidemark::store::from_url(
         &config.repository.url,
         &config.s3_settings(),
         &config.store_options(),
     )
-    .await
-    .map_err(Error::Usage)?;
+    .await?;
     config
         .clusters
         .keys()

@@ -152,13 +152,12 @@ fn ts(t: DateTime<Utc>) -> f64 {
 /// Opens the store for the daemon's own requests: short retries, so a check fails (and
 /// alerts) within seconds instead of waiting out `retry_timeout`.
 async fn probe_store(config: &Config) -> Result<Arc<dyn Store>, Error> {
-    store::open(
+    Ok(store::from_url(
         &config.repository.url,
         &config.s3_settings(),
         &probe_options(config),
     )
-    .await
-    .map_err(Error::Usage)
+    .await?)
 }
 
 fn probe_options(config: &Config) -> StoreOptions {

@@ -428,8 +428,8 @@ impl Daemon {
             // A store of its own, so a new connection like every wal-push makes (a server
             // shutting down may still serve old connections and refuse new ones), and the
             // request every wal-push makes first (a GET of cluster.json).
-            let result = match store::open(&url, &s3, &opts).await {
-                Err(e) => Err(e),
+            let result = match store::from_url(&url, &s3, &opts).await {
+                Err(e) => Err(e.to_string()),
                 Ok(st) => match st
                     .get_bytes(&format!("{first}/cluster.json"), 1 << 20)
                     .await

@@ -36,18 +36,31 @@ impl Session {
     }
 }
 
+/// Why a connection or a query of this module failed. Messages name the host part only: a
+/// connection string may hold a password.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsConfigError),
+    #[error("invalid connection string: {0}")]
+    ConnectionString(String),
+    #[error("cannot connect to PostgreSQL at {target}: {detail}")]
+    Connect { target: String, detail: String },
+    /// A query's failure or an answer tidemark cannot read.
+    #[error("{0}")]
+    Query(String),
+}
+
 /// Connects with a libpq-style connection string. The string may hold a password: it is never
 /// logged and errors name only the host part.
-pub async fn connect(conninfo: &str) -> Result<Session, String> {
-    let (rest, tls) = super::tls::split(conninfo).map_err(|e| e.to_string())?;
+pub async fn connect(conninfo: &str) -> Result<Session, PgError> {
+    let (rest, tls) = super::tls::split(conninfo)?;
     let config = Config::from_str(&rest)
-        .map_err(|e| format!("invalid connection string: {}", first_line(&e.to_string())))?;
+        .map_err(|e| PgError::ConnectionString(first_line(&e.to_string())))?;
     let target = describe(&config);
-    let failed = |e: tokio_postgres::Error| {
-        format!(
-            "cannot connect to PostgreSQL at {target}: {}",
-            error_chain(&e)
-        )
+    let failed = |e: tokio_postgres::Error| PgError::Connect {
+        target: target.clone(),
+        detail: error_chain(&e),
     };
     // PostgreSQL never speaks TLS over Unix sockets.
     let unix_only = config
@@ -57,7 +70,7 @@ pub async fn connect(conninfo: &str) -> Result<Session, String> {
     let tls_config = if unix_only {
         None
     } else {
-        super::tls::client_config(&tls).map_err(|e| e.to_string())?
+        super::tls::client_config(&tls)?
     };
     let (client, task) = match tls_config {
         None => {
@@ -118,7 +131,7 @@ fn describe(c: &Config) -> String {
     format!("{host}:{port}")
 }
 
-pub async fn identify(client: &Client) -> Result<ServerIdentity, String> {
+pub async fn identify(client: &Client) -> Result<ServerIdentity, PgError> {
     let row = client
         .query_one(
             "select (select system_identifier::text from pg_control_system()), \
@@ -127,19 +140,19 @@ pub async fn identify(client: &Client) -> Result<ServerIdentity, String> {
             &[],
         )
         .await
-        .map_err(|e| format!("querying the server's identity: {e}"))?;
+        .map_err(|e| PgError::Query(format!("querying the server's identity: {e}")))?;
     let sysid: String = row.get(0);
     let version: String = row.get(1);
     let segsize: String = row.get(2);
     Ok(ServerIdentity {
         system_identifier: sysid
             .parse()
-            .map_err(|_| format!("unexpected system identifier {sysid:?}"))?,
+            .map_err(|_| PgError::Query(format!("unexpected system identifier {sysid:?}")))?,
         version_num: version
             .parse()
-            .map_err(|_| format!("unexpected server_version_num {version:?}"))?,
+            .map_err(|_| PgError::Query(format!("unexpected server_version_num {version:?}")))?,
         wal_segment_size: segsize
             .parse()
-            .map_err(|_| format!("unexpected wal_segment_size {segsize:?}"))?,
+            .map_err(|_| PgError::Query(format!("unexpected wal_segment_size {segsize:?}")))?,
     })
 }

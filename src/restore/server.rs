@@ -196,7 +196,7 @@ async fn wait_for_promotion(
                 client.close().await;
             }
             // The server is up and refuses us: waiting longer will not help.
-            Err(e) if refused(&e) => {
+            Err(e) if refused(&e.to_string()) => {
                 return Err(Error::Recovery(format!(
                     "the restored server runs but refuses tidemark's connection as user {user}: {e} \
                      (its pg_hba.conf is the backed-up one; the server keeps running at {})",

@@ -203,16 +203,6 @@ pub async fn from_url(
     }
 }
 
-/// [`from_url`] with the error as its message, for the callers that still want a String (the
-/// command line and the daemon, being reshaped elsewhere); new code uses `from_url` and `?`.
-pub async fn open(
-    url: &str,
-    s3: &s3::S3Settings,
-    opts: &StoreOptions,
-) -> Result<Arc<dyn Store>, String> {
-    from_url(url, s3, opts).await.map_err(|e| e.to_string())
-}
-
 /// Rejects keys that could escape the root or alias another key. Components may not start
 /// with '.': the local store keeps its temporary files under such names.
 pub(crate) fn validate_key(key: &str) -> Result<(), String> {
@@ -249,18 +239,6 @@ mod tests {
         );
         assert_eq!(
             open("ftp://host/x").await.to_string(),
-            r#"repository url "ftp://host/x": must start with file:// or s3://"#
-        );
-        // The String form says the same.
-        let e = super::open(
-            "ftp://host/x",
-            &s3::S3Settings::default(),
-            &StoreOptions::default(),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(
-            e,
             r#"repository url "ftp://host/x": must start with file:// or s3://"#
         );
     }
