@@ -363,7 +363,8 @@ pub struct RestoreArgs {
     pub force: bool,
     /// Write the server's configuration from outside the data directory here, Debian-style
     /// (postgresql.conf with data_directory = --pgdata, pg_hba.conf, conf.d/, start.conf),
-    /// instead of into --pgdata; --start then runs the server with -c config_file=DIR/postgresql.conf
+    /// instead of into --pgdata (new or empty; --force never replaces a running cluster's);
+    /// --start then runs the server with -c config_file=DIR/postgresql.conf
     #[arg(long, value_name = "DIR")]
     pub config_dir: Option<PathBuf>,
     /// Concurrent downloads [default: twice the cores, 2..8]

@@ -66,6 +66,7 @@ pub(super) fn prepare_config_dir(dir: &Path, pgdata: &Path, force: bool) -> Resu
                         dir.display()
                     )));
                 }
+                refuse_live_config_dir(dir)?;
                 clear_dir(dir);
             }
             Ok(())
@@ -73,6 +74,29 @@ pub(super) fn prepare_config_dir(dir: &Path, pgdata: &Path, force: bool) -> Resu
         Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir_all(dir)
             .map_err(|e| Error::LocalIo(format!("{}: {e}", dir.display()))),
         Err(e) => Err(Error::LocalIo(format!("{}: {e}", dir.display()))),
+    }
+}
+
+/// `--force` never wipes the configuration of a running cluster (a mistyped
+/// /etc/postgresql/15/main): refused when the directory's postgresql.conf names a data
+/// directory whose postmaster is alive.
+fn refuse_live_config_dir(dir: &Path) -> Result<(), Error> {
+    let conf = dir.join("postgresql.conf");
+    let Ok(text) = crate::pg::conffiles::read_small(&conf) else {
+        return Ok(());
+    };
+    let data = crate::pg::conffiles::parse_conf(&text)
+        .into_iter()
+        .rfind(|l| l.name == "data_directory")
+        .map(|l| crate::pg::conffiles::resolve(&conf, &l.value));
+    match data {
+        Some(d) if super::server::postmaster_running(&d) => Err(Error::Usage(format!(
+            "--config-dir {} is the configuration of the running cluster at {}: stop it first; \
+             --force does not replace a running cluster's configuration",
+            dir.display(),
+            d.display()
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -337,4 +361,41 @@ fn sync_tree(dir: &Path) -> io::Result<()> {
         }
     }
     File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A mistyped --config-dir naming a live cluster's configuration is refused under --force,
+    /// and nothing in it is removed.
+    #[test]
+    fn force_never_wipes_a_running_clusters_config() {
+        let t = tempfile::tempdir().unwrap();
+        let (live, conf, target) = (
+            t.path().join("live"),
+            t.path().join("etc"),
+            t.path().join("new"),
+        );
+        std::fs::create_dir_all(&live).unwrap();
+        std::fs::create_dir_all(&conf).unwrap();
+        // This test process stands in for the postmaster: its pid is alive.
+        std::fs::write(
+            live.join("postmaster.pid"),
+            format!("{}\n", std::process::id()),
+        )
+        .unwrap();
+        let text = format!("data_directory = '{}'\n", live.display());
+        std::fs::write(conf.join("postgresql.conf"), &text).unwrap();
+        let e = prepare_config_dir(&conf, &target, true).unwrap_err();
+        assert!(e.to_string().contains("running cluster"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(conf.join("postgresql.conf")).unwrap(),
+            text
+        );
+        // Stopped: --force replaces it.
+        std::fs::remove_file(live.join("postmaster.pid")).unwrap();
+        prepare_config_dir(&conf, &target, true).unwrap();
+        assert!(!conf.join("postgresql.conf").exists());
+    }
 }
